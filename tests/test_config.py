@@ -82,5 +82,7 @@ def test_cross_field_rules():
         compose_experiment(["task=arith", "task.min_steps=3", "task.max_steps=2"])
     with pytest.raises(ConfigError, match="must differ"):
         compose_experiment(["task=gsm_symbolic", "task.train_seed=5", "task.test_seed=5"])
+    with pytest.raises(ConfigError, match="leaves no room for the prompt"):
+        compose_experiment(["model=tiny", "eval.max_new_tokens=384"])
     with pytest.raises(ConfigError, match="eval.k"):
         compose_experiment(["eval.k=0"])

@@ -254,6 +254,11 @@ class ExperimentConfig:
     cache_dir: str = ".cache"  # shared stages (converted models, later SFT checkpoints and ORMs)
 
     def __post_init__(self) -> None:
+        if self.eval.max_new_tokens >= self.model.max_seq_len:
+            raise ConfigError(
+                f"eval.max_new_tokens={self.eval.max_new_tokens} leaves no room for the prompt in "
+                f"model.max_seq_len={self.model.max_seq_len}; lower the first or raise the second."
+            )
         if self.reward.name.value not in self.algo.supported_rewards():
             raise ConfigError(
                 f"algo={self.algo.name} cannot use reward={self.reward.name.value}; "
@@ -276,7 +281,7 @@ def register_configs() -> None:
         "init": {"pretrained": PretrainedInitConfig(), "sft": SFTInitConfig()},
         "model": {
             "tiny": ModelConfig(
-                name="tiny", source=ModelSource.tiny, max_seq_len=256, lr=3e-3, train_batch_size=32, micro_batch_size=32,
+                name="tiny", source=ModelSource.tiny, max_seq_len=384, lr=3e-3, train_batch_size=32, micro_batch_size=32,
                 sample_batch_size=64,
             ),
             "smollm2_135m": ModelConfig(

@@ -77,6 +77,26 @@ def tokenize(expr: str) -> list[str]:
     return tokens
 
 
+def tokenize_tail(text: str) -> list[str]:
+    """The tokens after the last character the calculator cannot read: "so, 3 + 4 " -> ["3", "+", "4"].
+
+    Used to find a calculation at the end of free text; like :func:`tokenize`, bounded by ``MAX_EXPR_CHARS``.
+    """
+    text = text[-MAX_EXPR_CHARS:]
+    tokens: list[str] = []
+    pos, end = 0, len(text.rstrip())
+    while pos < end:
+        m = _TOKEN.match(text, pos)
+        if m is None:
+            tokens, pos = [], pos + 1
+            while pos < end and text[pos].isspace():
+                pos += 1
+            continue
+        tokens.append(m.group("num") or m.group("op"))
+        pos = m.end()
+    return tokens
+
+
 class _Parser:
     def __init__(self, tokens: list[str]) -> None:
         self.tokens = tokens
@@ -145,15 +165,20 @@ class _Parser:
         raise CalculatorError(f"unexpected {tok!r}")
 
 
-def parse_expression(expr: str) -> Node:
-    """Parse an arithmetic expression into a tree (used to split SVAMP equations into steps)."""
-    parser = _Parser(tokenize(expr))
-    if not parser.tokens:
+def parse_tokens(tokens: list[str]) -> Node:
+    """Parse a token list (from :func:`tokenize`) into a tree; raises CalculatorError unless it is one expression."""
+    parser = _Parser(tokens)
+    if not tokens:
         raise CalculatorError("empty expression")
     node = parser.expr()
     if parser.peek() is not None:
         raise CalculatorError(f"unexpected {parser.peek()!r} after a complete expression")
     return node
+
+
+def parse_expression(expr: str) -> Node:
+    """Parse an arithmetic expression into a tree (used to split SVAMP equations into steps)."""
+    return parse_tokens(tokenize(expr))
 
 
 def _bounded(x: Fraction) -> Fraction:

@@ -1,0 +1,52 @@
+"""``load_task``: the task named by a TaskConfig, as train and test problem lists.
+
+Dispatch is by ``cfg.name`` through ``LOADERS``. Each loader returns its task's full splits in a fixed order;
+``load_task`` then takes subsets the same way for every task: the test split is the first ``n_test`` problems in
+that order (so every run evaluates on the same problems), the train split the first ``n_train`` after a shuffle
+seeded by ``subset_seed`` (so a small train subset is not biased to the start of the file). With ``n_train``
+None the train split keeps its order unshuffled: the training loops shuffle their own batches.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from typing import Any
+
+from reasoning_rl.config import TaskConfig
+from reasoning_rl.tasks.arith import load_arith
+from reasoning_rl.tasks.gsm8k import load_gsm8k
+from reasoning_rl.tasks.problem import TaskSplits
+from reasoning_rl.tasks.svamp import load_svamp
+from reasoning_rl.tasks.symbolic import load_gsm_symbolic
+
+# Each loader takes its own TaskConfig subclass (GSM8KTaskConfig, ...), hence Any.
+LOADERS: dict[str, Callable[[Any], TaskSplits]] = {
+    "gsm8k": load_gsm8k,
+    "svamp": load_svamp,
+    "gsm_symbolic": load_gsm_symbolic,
+    "arith": load_arith,
+}
+
+
+def subset_splits(splits: TaskSplits, n_train: int | None, n_test: int | None, subset_seed: int) -> TaskSplits:
+    """The first ``n_test`` test problems and the first ``n_train`` train problems after a shuffle seeded by
+    ``subset_seed``; None keeps a split whole (and in order). Asking for more than there are gives all."""
+    for name, n in (("n_train", n_train), ("n_test", n_test)):
+        if n is not None and n < 0:
+            raise ValueError(f"task.{name}={n} must be >= 0 or null (all problems)")
+    test = list(splits.test) if n_test is None else splits.test[:n_test]
+    train = list(splits.train)
+    if n_train is not None:
+        random.Random(subset_seed).shuffle(train)
+        train = train[:n_train]
+    return TaskSplits(train=train, test=test)
+
+
+def load_task(cfg: TaskConfig) -> TaskSplits:
+    """Load the task ``cfg.name`` and take the configured subsets. Relative paths in ``cfg`` are resolved
+    against the working directory (callers resolve them against the project first)."""
+    loader = LOADERS.get(cfg.name)
+    if loader is None:
+        raise ValueError(f"unknown task {cfg.name!r}; valid tasks: {', '.join(LOADERS)}")
+    return subset_splits(loader(cfg), cfg.n_train, cfg.n_test, cfg.subset_seed)

@@ -1,0 +1,86 @@
+"""The SFT loop: loss masking, the schedule, and accumulation equivalence."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from reasoning_rl.algos.sft import (
+    IGNORE_INDEX,
+    FinetuneParams,
+    TokenizedExample,
+    collate,
+    finetune,
+    lr_multiplier,
+    tokenize_examples,
+)
+from reasoning_rl.config import ModelConfig, ModelSource
+from reasoning_rl.models import build_tiny_model, build_tiny_tokenizer
+from reasoning_rl.tracking import NullTracker
+
+TINY = ModelConfig(name="tiny", source=ModelSource.tiny, hidden_size=32, num_layers=2, num_heads=2,
+                   intermediate_size=64, max_seq_len=64)
+
+
+def test_collate_masks_prompt_and_padding():
+    batch = [TokenizedExample([5, 6, 7, 8], prompt_len=2), TokenizedExample([9, 10, 11], prompt_len=1)]
+    out = collate(batch, pad_id=0)
+    assert out["input_ids"].tolist() == [[5, 6, 7, 8], [9, 10, 11, 0]]
+    assert out["attention_mask"].tolist() == [[1, 1, 1, 1], [1, 1, 1, 0]]
+    # row 0: prompt 5, 6 masked; targets 7, 8.  row 1: prompt 9 masked; targets 10, 11; pad masked.
+    i = IGNORE_INDEX
+    assert out["labels"].tolist() == [[i, i, 7, 8], [i, 10, 11, i]]
+
+
+def test_tokenize_appends_eos_and_drops_long_examples():
+    tok = build_tiny_tokenizer()
+    data = tokenize_examples(tok, [("Q:", "12"), ("Q:" * 40, "1")], max_seq_len=10)
+    assert len(data) == 1  # the 81-token example is dropped
+    assert data[0].input_ids[-1] == tok.eos_token_id
+    assert data[0].prompt_len == 2  # "Q" ":" -- one token per character
+    with pytest.raises(ValueError, match="max_seq_len"):
+        tokenize_examples(tok, [("Q:" * 40, "1")], max_seq_len=10)
+
+
+def test_lr_schedule_by_hand():
+    # 10 steps, 2 warm-up: 0.5, 1.0, then cosine from 1 down to 0.1 over the remaining 8.
+    assert lr_multiplier(0, 10, 2, 0.1) == pytest.approx(0.5)
+    assert lr_multiplier(1, 10, 2, 0.1) == pytest.approx(1.0)
+    assert lr_multiplier(2, 10, 2, 0.1) == pytest.approx(1.0)  # progress 0: cos(0) = 1
+    # step 6: progress 4/8 = 0.5 -> 0.1 + 0.9 * 0.5 * (1 + cos(pi/2)) = 0.1 + 0.45 = 0.55
+    assert lr_multiplier(6, 10, 2, 0.1) == pytest.approx(0.55)
+    assert lr_multiplier(10, 10, 2, 0.1) == pytest.approx(0.1)
+
+
+def _finetune_copy(model, tok, examples, micro_batch_size: int) -> torch.nn.Module:
+    model = copy.deepcopy(model)
+    params = FinetuneParams(lr=1e-2, epochs=1, batch_size=4, micro_batch_size=micro_batch_size, max_seq_len=64,
+                            seed=0, max_steps=1, warmup_ratio=0.0, grad_clip=1e9)
+    finetune(model, tok, examples, params, NullTracker(), progress=False)
+    return model
+
+
+def test_gradient_accumulation_matches_one_big_batch():
+    tok = build_tiny_tokenizer()
+    model = build_tiny_model(TINY, len(tok), seed=0)
+    # different lengths, so padding and the token-mean normalisation both matter
+    examples = [("Q: 1+2\n", "1+2=3\n#### 3"), ("Q: 10+20\n", "#### 30"), ("Q:\n", "5"), ("Q: 7\n", "7*1=7\n#### 7")]
+    one_batch = _finetune_copy(model, tok, examples, micro_batch_size=4)
+    accumulated = _finetune_copy(model, tok, examples, micro_batch_size=1)
+    for (name, a), (_, b) in zip(one_batch.named_parameters(), accumulated.named_parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=name)
+    # and the update did something
+    moved = max((a - b).abs().max().item() for a, b in zip(one_batch.parameters(), model.parameters()))
+    assert moved > 1e-4
+
+
+def test_finetune_lowers_the_loss_on_its_data():
+    tok = build_tiny_tokenizer()
+    model = build_tiny_model(TINY, len(tok), seed=0)
+    examples = [("Q:\n", "#### 42")] * 8
+    params = FinetuneParams(lr=1e-2, epochs=50, batch_size=8, micro_batch_size=8, max_seq_len=64, seed=0)
+    stats = finetune(model, tok, examples, params, NullTracker(), progress=False)
+    assert stats["steps"] == 50
+    assert stats["final_loss"] < 0.5  # a constant answer is memorised; the untrained loss is ~ln(100) = 4.6
