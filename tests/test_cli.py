@@ -19,7 +19,11 @@ def run_main(*overrides: str, cwd: Path, env_extra: dict[str, str] | None = None
     env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env_extra or {})}
     return subprocess.run(
         [sys.executable, str(ROOT / "main.py"), *overrides, f"hydra.run.dir={cwd / 'out'}"],
-        cwd=cwd, capture_output=True, text=True, timeout=600, env=env,
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
     )
 
 
@@ -66,6 +70,12 @@ def test_missing_data_dir_says_how_to_fix(tmp_path):
 
 
 def test_missing_model_path_names_it(tmp_path):
-    result = run_main("model=tiny", "model.source=local", f"model.path={tmp_path / 'no_model'}", "logger=none",
-                      "task=arith", cwd=tmp_path)
+    result = run_main(
+        "model=tiny",
+        "model.source=local",
+        f"model.path={tmp_path / 'no_model'}",
+        "logger=none",
+        "task=arith",
+        cwd=tmp_path,
+    )
     assert_clean_failure(result, str(tmp_path / "no_model"))

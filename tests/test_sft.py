@@ -20,8 +20,15 @@ from reasoning_rl.config import ModelConfig, ModelSource
 from reasoning_rl.models import build_tiny_model, build_tiny_tokenizer
 from reasoning_rl.tracking import NullTracker
 
-TINY = ModelConfig(name="tiny", source=ModelSource.tiny, hidden_size=32, num_layers=2, num_heads=2,
-                   intermediate_size=64, max_seq_len=64)
+TINY = ModelConfig(
+    name="tiny",
+    source=ModelSource.tiny,
+    hidden_size=32,
+    num_layers=2,
+    num_heads=2,
+    intermediate_size=64,
+    max_seq_len=64,
+)
 
 
 def test_collate_masks_prompt_and_padding():
@@ -56,8 +63,17 @@ def test_lr_schedule_by_hand():
 
 def _finetune_copy(model, tok, examples, micro_batch_size: int) -> torch.nn.Module:
     model = copy.deepcopy(model)
-    params = FinetuneParams(lr=1e-2, epochs=1, batch_size=4, micro_batch_size=micro_batch_size, max_seq_len=64,
-                            seed=0, max_steps=1, warmup_ratio=0.0, grad_clip=1e9)
+    params = FinetuneParams(
+        lr=1e-2,
+        epochs=1,
+        batch_size=4,
+        micro_batch_size=micro_batch_size,
+        max_seq_len=64,
+        seed=0,
+        max_steps=1,
+        warmup_ratio=0.0,
+        grad_clip=1e9,
+    )
     finetune(model, tok, examples, params, NullTracker(), progress=False)
     return model
 

@@ -42,6 +42,7 @@ from transformers import (
     PreTrainedTokenizerBase,
     PreTrainedTokenizerFast,
 )
+from transformers.initialization import no_init_weights
 
 from reasoning_rl.config import DType, ModelConfig, ModelSource
 
@@ -200,7 +201,9 @@ def load_policy(
     """The policy (eval mode, ``cfg.dtype``, on ``device``) and its tokenizer (pad token set, left padding)."""
     source = ModelSource(cfg.source)
     if source not in LOADERS:
-        raise ModelLoadError(f"model.source={source.value} has no loader; valid: {', '.join(s.value for s in LOADERS)}.")
+        raise ModelLoadError(
+            f"model.source={source.value} has no loader; valid: {', '.join(s.value for s in LOADERS)}."
+        )
     model, tokenizer = LOADERS[source](cfg, seed, Path(cache_dir))
     return model.to(device).eval(), prepare_tokenizer(tokenizer)
 
@@ -224,7 +227,7 @@ def _from_dir(path: Path, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrain
 def gguf_cache_key(path: Path) -> str:
     """Name of the converted copy: the file name plus a hash of its size and mtime, so a changed file converts anew."""
     stat = path.stat()
-    digest = hashlib.sha256(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+    digest = hashlib.sha256(f"{path.name}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
     return f"{path.stem}-{digest}"
 
 
@@ -252,7 +255,8 @@ def dequantized_copy(model: PreTrainedModel) -> PreTrainedModel:
     config = copy.deepcopy(model.config)
     if hasattr(config, "quantization_config"):
         del config.quantization_config
-    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    with no_init_weights():  # skip the random init (~6 s for 135M parameters): every weight is overwritten below
+        plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     plain.load_state_dict(model.state_dict())
     return plain.eval()
 
@@ -269,6 +273,7 @@ def save_checkpoint(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    tmp.chmod(0o755)  # mkdtemp makes it private (0700); a checkpoint is an ordinary directory
     try:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
