@@ -281,7 +281,7 @@ def register_configs() -> None:
         "init": {"pretrained": PretrainedInitConfig(), "sft": SFTInitConfig()},
         "model": {
             "tiny": ModelConfig(
-                name="tiny", source=ModelSource.tiny, max_seq_len=384, lr=3e-3, train_batch_size=32, micro_batch_size=32,
+                name="tiny", source=ModelSource.tiny, max_seq_len=384, lr=3e-3, train_batch_size=16, micro_batch_size=16,
                 sample_batch_size=64,
             ),
             "smollm2_135m": ModelConfig(

@@ -54,12 +54,13 @@ def tokenize_examples(
 ) -> list[TokenizedExample]:
     """(prompt, completion) pairs -> token ids with EOS appended; examples longer than max_seq_len are dropped.
 
-    Prompt and completion are tokenized separately, exactly as the sampler sees them (prompt alone, then
-    generated tokens), so training and sampling agree on the token boundary.
+    Prompt and completion are tokenized separately, exactly as the sampler sees them (the prompt with the
+    tokenizer's default special tokens, e.g. Llama's BOS, then generated tokens), so training and sampling agree on
+    the token boundary.
     """
     tokenized, dropped = [], 0
     for prompt, completion in examples:
-        prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        prompt_ids = tokenizer(prompt)["input_ids"]
         completion_ids = tokenizer(completion, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
         ids = prompt_ids + completion_ids
         if len(ids) > max_seq_len:
