@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import importlib.util
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -28,14 +27,7 @@ TINY = ModelConfig(name="tiny", source=ModelSource.tiny, max_seq_len=64, hidden_
 TEXT = "Question: Tom has 3 apples.  He eats 1.\nHow many?\n\n  #### 2 ~{}|`'\"\\"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    """Run these small models on one thread: on a shared 2-core machine two OpenMP threads that wait for each other
-    made these tests 5-7x slower (each op is tiny, so a second thread saves nothing anyway)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_tiny_tokenizer_round_trip_one_token_per_char(tmp_path: Path) -> None:

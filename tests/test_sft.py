@@ -85,10 +85,10 @@ def test_gradient_accumulation_matches_one_big_batch():
     examples = [("Q: 1+2\n", "1+2=3\n#### 3"), ("Q: 10+20\n", "#### 30"), ("Q:\n", "5"), ("Q: 7\n", "7*1=7\n#### 7")]
     one_batch = _finetune_copy(model, tok, examples, micro_batch_size=4)
     accumulated = _finetune_copy(model, tok, examples, micro_batch_size=1)
-    for (name, a), (_, b) in zip(one_batch.named_parameters(), accumulated.named_parameters()):
+    for (name, a), (_, b) in zip(one_batch.named_parameters(), accumulated.named_parameters(), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=name)
     # and the update did something
-    moved = max((a - b).abs().max().item() for a, b in zip(one_batch.parameters(), model.parameters()))
+    moved = max((a - b).abs().max().item() for a, b in zip(one_batch.parameters(), model.parameters(), strict=True))
     assert moved > 1e-4
 
 

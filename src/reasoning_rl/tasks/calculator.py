@@ -27,8 +27,10 @@ MAX_DIGITS = 60  # numerator and denominator of every intermediate value stay be
 
 _LIMIT = 10**MAX_DIGITS
 # Numbers: integers with optional thousands separators ("1,000"), decimals ("2.5", "5.", ".5").
-_TOKEN = re.compile(r"\s*(?:(?P<num>[0-9]{1,3}(?:,[0-9]{3})+(?![0-9])(?:\.[0-9]*)?|[0-9]+(?:\.[0-9]*)?|\.[0-9]+)"
-                    r"|(?P<op>\*\*|[-+*/()]))")
+_TOKEN = re.compile(
+    r"\s*(?:(?P<num>[0-9]{1,3}(?:,[0-9]{3})+(?![0-9])(?:\.[0-9]*)?|[0-9]+(?:\.[0-9]*)?|\.[0-9]+)"
+    r"|(?P<op>\*\*|[-+*/()]))"
+)
 
 
 class CalculatorError(ValueError):

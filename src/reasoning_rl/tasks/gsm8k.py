@@ -54,8 +54,9 @@ def _load_from_hub(hub_id: str) -> TaskSplits:
 
     ds = datasets.load_dataset(hub_id, "main")
     splits = {
-        split: [gsm8k_problem(row, f"gsm8k/{split}/{i}", f"{hub_id} {split} row {i}")
-                for i, row in enumerate(ds[split])]
+        split: [
+            gsm8k_problem(row, f"gsm8k/{split}/{i}", f"{hub_id} {split} row {i}") for i, row in enumerate(ds[split])
+        ]
         for split in SPLITS
     }
     return TaskSplits(train=splits["train"], test=splits["test"])
@@ -71,5 +72,7 @@ def load_gsm8k(cfg: GSM8KTaskConfig) -> TaskSplits:
             f"GSM8K data directory {data_dir.resolve()} does not exist. Set task.data_dir to a directory with "
             f"train.jsonl and test.jsonl, or task.data_dir=null to load {cfg.hub_id} from the hub."
         )
-    return TaskSplits(train=read_gsm8k_jsonl(data_dir / "train.jsonl", "train"),
-                      test=read_gsm8k_jsonl(data_dir / "test.jsonl", "test"))
+    return TaskSplits(
+        train=read_gsm8k_jsonl(data_dir / "train.jsonl", "train"),
+        test=read_gsm8k_jsonl(data_dir / "test.jsonl", "test"),
+    )

@@ -39,5 +39,10 @@ def problem_from_reference(id: str, question: str, reference: str, where: str) -
         raise TaskDataError(f"{where}: the reference solution's '{ANSWER_MARKER}' line is empty")
     if not question.strip():
         raise TaskDataError(f"{where}: the question is empty")
-    return Problem(id=id, question=question.strip(), reference=reference.strip(), answer=answer,
-                   steps=tuple(split_steps(reference)))
+    return Problem(
+        id=id,
+        question=question.strip(),
+        reference=reference.strip(),
+        answer=answer,
+        steps=tuple(split_steps(reference)),
+    )

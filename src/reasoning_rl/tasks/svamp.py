@@ -84,7 +84,8 @@ def svamp_problem(row: Any, split: str, index: int, where: str) -> Problem:
     answer = float(row["Answer"])
     if abs(float(value) - answer) > 1e-6 * max(1.0, abs(answer)):
         raise InconsistentEntry(
-            f"{where}: Equation {row['Equation']!r} gives {format_number(value)}, but Answer is {answer}")
+            f"{where}: Equation {row['Equation']!r} gives {format_number(value)}, but Answer is {answer}"
+        )
     reference = "\n".join([*lines, f"#### {format_number(value)}"])
     id = f"svamp/{split}/{row.get('ID', index)}"
     return problem_from_reference(id, svamp_question(str(row["Body"]), str(row["Question"])), reference, where)
