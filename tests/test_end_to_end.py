@@ -114,7 +114,34 @@ def test_notebook_tabulates_the_runs(runs, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp / 'mlflow.db'}")
     notebook = nbformat.read(ROOT / "notebooks" / "runs_table.ipynb", as_version=4)
     nbclient.NotebookClient(notebook, timeout=300, resources={"metadata": {"path": str(ROOT)}}).execute()
-    printed = notebook.cells[1].outputs[0]["text"]
-    assert printed.startswith("2 finished runs")
-    table = notebook.cells[2].outputs[0]["data"]["text/plain"]
+    printed = "".join(o["text"] for o in notebook.cells[1].outputs if o.get("name") == "stdout")
+    assert "2 finished runs" in printed  # (stderr carries import warnings, e.g. tqdm's about ipywidgets)
+    (table_output,) = [o for o in notebook.cells[2].outputs if o["output_type"] == "execute_result"]
+    table = table_output["data"]["text/plain"]
     assert "sft" in table and "pretrained" in table and "maj@1" in table
+
+
+@pytest.mark.slow
+def test_expert_iteration_runs_rounds_and_logs_the_curve(tmp_path):
+    import mlflow
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    overrides = [
+        *[o for o in COMMON if not o.startswith(("algo=", "task.n_test=", "eval.k="))],
+        "algo=ei", "init=sft", "init.max_steps=150", "task.n_test=50", "eval.k=2",
+        "algo.rounds=2", "algo.num_samples=2", "algo.n_questions=100", "algo.max_steps=40", "algo.max_new_tokens=48",
+    ]  # fmt: skip
+    run_main(overrides, uri, tmp_path / "ei")
+    client = mlflow.tracking.MlflowClient(tracking_uri=uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("reasoning-rl").experiment_id])
+    assert run.data.tags["algo"] == "ei" and run.info.status == "FINISHED"
+
+    def history(name: str) -> dict[int, float]:
+        return {m.step: m.value for m in client.get_metric_history(run.info.run_id, name)}
+
+    assert sorted(history("eval/maj_at_1")) == [0, 1, 2]  # the init, then after each round
+    assert history("train/ei_samples_drawn") == {1: 200.0, 2: 400.0}  # 100 questions x K=2 per round
+    sizes = history("train/ei_dataset_size")
+    assert sizes[2] >= sizes[1] > 0  # D_2 = R_2 ∪ D_1 never shrinks
+    assert 0 < history("train/ei_fraction_correct")[1] <= 1
+    assert len(history("train/ei_loss")) >= 2

@@ -200,6 +200,31 @@ class NoAlgoConfig(AlgoConfig):
         return ("sparse",)
 
 
+@dataclass
+class EIConfig(AlgoConfig):
+    """algo=ei: Expert Iteration (paper section 4.1); see src/reasoning_rl/algos/ei.py."""
+
+    name: str = "ei"
+    rounds: int = 3  # EI rounds (the paper: gains plateau after ~2 rounds from SFT, ~4 from a pretrained model)
+    num_samples: int = 4  # K solutions sampled per training question per round (the paper: 96, and a light 4)
+    temperature: float = 1.0  # sampling temperature of the exploration samples
+    top_p: float = 1.0  # nucleus sampling of the exploration samples
+    max_new_tokens: int = 256  # length limit of an exploration sample
+    n_questions: int | None = None  # training questions sampled each round (a fresh seeded draw); None = all
+    reinit_each_round: bool = True  # fine-tune pi_i from the initial checkpoint (STaR-style); false: from pi_{i-1}
+    epochs: float = 2.0  # fine-tuning passes over D_i in each round
+    max_steps: int | None = None  # cap on fine-tuning optimizer steps per round; None = epochs decide
+    lr: float | None = None  # peak fine-tuning learning rate; None = model.lr
+    eval_init: bool = True  # also evaluate the initial policy (round 0 of the accuracy-vs-round curve)
+
+    def __post_init__(self) -> None:
+        if self.rounds < 1 or self.num_samples < 1:
+            raise ConfigError(f"algo.rounds={self.rounds} and algo.num_samples={self.num_samples} must be >= 1.")
+
+    def supported_rewards(self) -> tuple[str, ...]:
+        return ("sparse",)
+
+
 # --------------------------------------------------------------------------------------------- reward
 
 
@@ -256,11 +281,15 @@ class ExperimentConfig:
     cache_dir: str = ".cache"  # shared stages (converted models, later SFT checkpoints and ORMs)
 
     def __post_init__(self) -> None:
-        if self.eval.max_new_tokens >= self.model.max_seq_len:
-            raise ConfigError(
-                f"eval.max_new_tokens={self.eval.max_new_tokens} leaves no room for the prompt in "
-                f"model.max_seq_len={self.model.max_seq_len}; lower the first or raise the second."
-            )
+        for key, max_new_tokens in (
+            ("eval", self.eval.max_new_tokens),
+            ("algo", getattr(self.algo, "max_new_tokens", 0)),
+        ):
+            if max_new_tokens >= self.model.max_seq_len:
+                raise ConfigError(
+                    f"{key}.max_new_tokens={max_new_tokens} leaves no room for the prompt in "
+                    f"model.max_seq_len={self.model.max_seq_len}; lower the first or raise the second."
+                )
         if self.reward.name.value not in self.algo.supported_rewards():
             raise ConfigError(
                 f"algo={self.algo.name} cannot use reward={self.reward.name.value}; "
@@ -273,7 +302,7 @@ def register_configs() -> None:
     cs = ConfigStore.instance()
     cs.store(name="experiment_schema", node=ExperimentConfig)
     options: dict[str, dict[str, Any]] = {
-        "algo": {"none": NoAlgoConfig()},
+        "algo": {"none": NoAlgoConfig(), "ei": EIConfig()},
         "reward": {
             "sparse": RewardConfig(name=RewardName.sparse),
             "dense": RewardConfig(name=RewardName.dense, step_reward=0.2),

@@ -16,18 +16,18 @@ import os
 import random
 import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from reasoning_rl.algos.sft import FinetuneParams, finetune
+from reasoning_rl.algos import ei
+from reasoning_rl.algos.sft import finetune
 from reasoning_rl.config import ExperimentConfig, GSM8KTaskConfig, InitName, ModelSource, SVAMPTaskConfig
-from reasoning_rl.evaluation import evaluate, write_records
+from reasoning_rl.evaluation import EvalResult, write_records
 from reasoning_rl.models import load_policy, resolve_device, save_checkpoint
 from reasoning_rl.prompts import build_prompt, pick_exemplars
-from reasoning_rl.tasks import TaskSplits, load_task
+from reasoning_rl.run_context import RunContext, evaluate_policy, finetune_params
+from reasoning_rl.tasks import load_task
 from reasoning_rl.tracking import Tracker
 
 log = logging.getLogger(__name__)
@@ -35,25 +35,13 @@ log = logging.getLogger(__name__)
 ARTIFACT_SIZE_LIMIT = 50 * 2**20  # checkpoints larger than this are referenced by path, not copied into MLflow
 
 
-@dataclass
-class RunContext:
-    """What an algorithm gets: the composed config, the policy, the data, and where to log and write."""
-
-    cfg: ExperimentConfig
-    model: PreTrainedModel
-    tokenizer: PreTrainedTokenizerBase
-    splits: TaskSplits
-    build_prompt: Callable[[str], str]  # question -> prompt (few-shot prefix included for init=pretrained)
-    tracker: Tracker
-    output_dir: Path
-    device: torch.device
-
-
 def run_none(ctx: RunContext) -> None:
     """algo=none: the initial policy is evaluated as it is (the paper's "SFT" and "Prompted" rows)."""
 
 
-ALGOS: dict[str, Callable[[RunContext], None]] = {"none": run_none}
+# An algorithm trains ctx.model in place. One that evaluates as it goes (EI after every round) returns its last
+# evaluation, so the pipeline does not repeat it; otherwise it returns None and the pipeline evaluates.
+ALGOS: dict[str, Callable[[RunContext], EvalResult | None]] = {"none": run_none, "ei": ei.run}
 
 
 def resolve_paths(cfg: ExperimentConfig, base: Path) -> None:
@@ -95,14 +83,12 @@ def apply_init(ctx: RunContext) -> Callable[[str], str]:
     prompt_fn = functools.partial(build_prompt, exemplars=exemplars)
     if cfg.init.name == InitName.sft:
         init = cfg.init
-        params = FinetuneParams(
-            lr=init.lr or cfg.model.lr,
+        params = finetune_params(
+            ctx,
+            lr=init.lr,
             epochs=init.epochs,
-            batch_size=cfg.model.train_batch_size,
-            micro_batch_size=cfg.model.micro_batch_size,
-            max_seq_len=cfg.model.max_seq_len,
-            seed=cfg.seed,
             max_steps=init.max_steps,
+            seed=cfg.seed,
             warmup_ratio=init.warmup_ratio,
             min_lr_ratio=init.min_lr_ratio,
             weight_decay=init.weight_decay,
@@ -142,19 +128,11 @@ def run_experiment(cfg: ExperimentConfig, tracker: Tracker, *, base_dir: Path, o
     ctx.build_prompt = apply_init(ctx)
 
     # 4. algorithm
-    ALGOS[cfg.algo.name](ctx)
+    result = ALGOS[cfg.algo.name](ctx)
 
-    # 5. evaluation
-    result = evaluate(
-        ctx.model,
-        tokenizer,
-        splits.test,
-        ctx.build_prompt,
-        cfg.eval,
-        seed=cfg.seed,
-        batch_size=cfg.model.sample_batch_size,
-    )
-    tracker.log_metrics(result.metrics)
+    # 5. evaluation (unless the algorithm's last evaluation is of the final policy already)
+    if result is None:
+        result = evaluate_policy(ctx)
     if cfg.eval.save_samples:
         tracker.log_artifact(write_records(result.records, output_dir / "eval" / "samples.jsonl"), "eval")
     log.info("eval: %s", ", ".join(f"{k}={v:.4f}" for k, v in sorted(result.metrics.items())))

@@ -1,0 +1,63 @@
+"""What an algorithm gets from the pipeline, and the plumbing every algorithm shares (evaluate, fine-tune)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from reasoning_rl.algos.sft import FinetuneParams
+from reasoning_rl.config import ExperimentConfig
+from reasoning_rl.evaluation import EvalResult, evaluate
+from reasoning_rl.tasks import TaskSplits
+from reasoning_rl.tracking import Tracker
+
+
+@dataclass
+class RunContext:
+    """The composed config, the policy, the data, and where to log and write."""
+
+    cfg: ExperimentConfig
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    splits: TaskSplits
+    build_prompt: Callable[[str], str]  # question -> prompt (few-shot prefix included for init=pretrained)
+    tracker: Tracker
+    output_dir: Path
+    device: torch.device
+
+
+def evaluate_policy(ctx: RunContext, *, step: int | None = None, progress: bool = True) -> EvalResult:
+    """Evaluate the current policy on the test split and log the eval/ metrics (at ``step``, e.g. an EI round)."""
+    result = evaluate(
+        ctx.model,
+        ctx.tokenizer,
+        ctx.splits.test,
+        ctx.build_prompt,
+        ctx.cfg.eval,
+        seed=ctx.cfg.seed,
+        batch_size=ctx.cfg.model.sample_batch_size,
+        progress=progress,
+    )
+    ctx.tracker.log_metrics(result.metrics, step=step)
+    return result
+
+
+def finetune_params(
+    ctx: RunContext, *, lr: float | None, epochs: float, max_steps: int | None, seed: int, **schedule: float
+) -> FinetuneParams:
+    """Fine-tuning settings from the model's scale (batch sizes, lengths, default lr) and the caller's overrides."""
+    model = ctx.cfg.model
+    return FinetuneParams(
+        lr=lr or model.lr,
+        epochs=epochs,
+        batch_size=model.train_batch_size,
+        micro_batch_size=model.micro_batch_size,
+        max_seq_len=model.max_seq_len,
+        seed=seed,
+        max_steps=max_steps,
+        **schedule,
+    )
