@@ -145,3 +145,22 @@ def test_expert_iteration_runs_rounds_and_logs_the_curve(tmp_path):
     assert sizes[2] >= sizes[1] > 0  # D_2 = R_2 ∪ D_1 never shrinks
     assert 0 < history("train/ei_fraction_correct")[1] <= 1
     assert len(history("train/ei_loss")) >= 2
+
+
+@pytest.mark.slow
+def test_init_baselines_sweep_runs_both_rows(tmp_path):
+    import mlflow
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "HF_HUB_OFFLINE": "1"}
+    command = [
+        sys.executable, str(ROOT / "main.py"), "-m", "--config-dir", str(ROOT / "sweeps"),
+        "--config-name", "init_baselines", "model=tiny", "task=arith", "task.n_train=64", "task.n_test=10",
+        "eval.k=2", "eval.max_new_tokens=48", f"hydra.sweep.dir={tmp_path / 'sweep'}",
+    ]  # fmt: skip
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900, env=env)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    client = mlflow.tracking.MlflowClient(tracking_uri=uri)
+    runs = client.search_runs([client.get_experiment_by_name("reasoning-rl").experiment_id])
+    assert sorted(r.data.tags["init"] for r in runs) == ["pretrained", "sft"]
+    assert all(r.info.status == "FINISHED" and "eval/maj_at_1" in r.data.metrics for r in runs)
