@@ -1,7 +1,7 @@
 """Entry point: compose the config (Hydra), validate it, run one experiment, return its maj@1.
 
 python main.py model=tiny task=arith init=sft algo=none
-python main.py -m algo=ei,ppo reward=sparse,orm init=sft,pretrained
+python main.py -m algo=none,ei init=sft,pretrained model=tiny task=arith   # a 2 x 2 multirun
 """
 
 from pathlib import Path

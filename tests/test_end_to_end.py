@@ -87,6 +87,7 @@ def test_mlflow_run_holds_metrics_params_tags_and_artifacts(runs):
     assert 0 <= run.data.metrics["eval/maj_at_1"] <= 1
     assert run.data.params["eval.k"] == "4"
     assert run.data.params["model.name"] == "tiny"
+    assert run.data.params["model.source"] == "tiny"  # enums logged by value, not as "ModelSource.tiny"
     assert {k: run.data.tags[k] for k in ("algo", "reward", "init", "model", "task")} == {
         "algo": "none",
         "reward": "sparse",

@@ -61,7 +61,7 @@ def run_job(raw_cfg: DictConfig, project_root: Path) -> float:
     hydra_cfg = HydraConfig.get()
     output_dir = Path(hydra_cfg.runtime.output_dir)
     tracker = open_tracker(cfg, project_root)
-    tracker.log_params(flatten(OmegaConf.to_container(raw_cfg, resolve=True)))
+    tracker.log_params(flatten(OmegaConf.to_container(raw_cfg, resolve=True, enum_to_str=True)))
     tracker.log_text(OmegaConf.to_yaml(raw_cfg, resolve=True), "config/config.yaml")
     tracker.log_text("\n".join(hydra_cfg.overrides.task) + "\n", "config/overrides.txt")
     try:
