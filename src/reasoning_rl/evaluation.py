@@ -87,12 +87,13 @@ def evaluate(
     records = []
     for i, problem in enumerate(problems):
         greedy_text = greedy[i][0].text
+        greedy_answer = voted_answer(greedy_text)
         sample_texts = [s.text for s in sampled[i]]
         sample_answers = [voted_answer(t) for t in sample_texts]
         sample_correct = [answers_match(a, problem.answer) for a in sample_answers]
         majority = majority_vote(sample_answers)
         num_correct = sum(sample_correct)
-        per_metric["maj_at_1"].append(float(answers_match(voted_answer(greedy_text), problem.answer)))
+        per_metric["maj_at_1"].append(float(answers_match(greedy_answer, problem.answer)))
         per_metric["maj_at_k"].append(float(answers_match(majority, problem.answer)))
         per_metric["pass_at_k"].append(float(num_correct > 0))
         per_metric["sample_accuracy"].append(num_correct / cfg.k)
@@ -104,7 +105,7 @@ def evaluate(
             "answer": problem.answer,
             "greedy": {
                 "text": greedy_text,
-                "answer": voted_answer(greedy_text),
+                "answer": greedy_answer,
                 "correct": bool(per_metric["maj_at_1"][-1]),
             },
             "samples": [

@@ -47,16 +47,16 @@ ALGOS: dict[str, Callable[[RunContext], EvalResult | None]] = {"none": run_none,
 def resolve_paths(cfg: ExperimentConfig, base: Path) -> None:
     """Make user-given relative paths absolute against ``base`` (where the command was typed), in place."""
 
-    def absolute(path: str | None) -> str | None:
-        return None if path is None else str((base / Path(path).expanduser()).resolve())
+    def absolute(path: str) -> str:
+        return str((base / Path(path).expanduser()).resolve())
 
-    if isinstance(cfg.task, GSM8KTaskConfig):
+    if isinstance(cfg.task, GSM8KTaskConfig) and cfg.task.data_dir is not None:  # None = the hub
         cfg.task.data_dir = absolute(cfg.task.data_dir)
-    if isinstance(cfg.task, SVAMPTaskConfig):
+    if isinstance(cfg.task, SVAMPTaskConfig) and cfg.task.data_path is not None:
         cfg.task.data_path = absolute(cfg.task.data_path)
-    if cfg.model.source in (ModelSource.local, ModelSource.gguf):
+    if cfg.model.source in (ModelSource.local, ModelSource.gguf) and cfg.model.path is not None:
         cfg.model.path = absolute(cfg.model.path)
-    cfg.cache_dir = absolute(cfg.cache_dir) or cfg.cache_dir
+    cfg.cache_dir = absolute(cfg.cache_dir)
 
 
 def check_writable(directory: Path) -> None:

@@ -96,8 +96,8 @@ def lr_multiplier(step: int, total_steps: int, warmup_steps: int, min_lr_ratio: 
     return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-def summed_token_loss(model: PreTrainedModel, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
-    """Sum of next-token cross-entropy over target tokens, and the number of target tokens."""
+def summed_token_loss(model: PreTrainedModel, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Sum of next-token cross-entropy over target tokens (the caller divides by the whole batch's token count)."""
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # (B, T, V)
     shift_logits = logits[:, :-1].float()  # (B, T-1, V): position t predicts token t+1
     shift_labels = batch["labels"][:, 1:]  # (B, T-1)
@@ -107,7 +107,7 @@ def summed_token_loss(model: PreTrainedModel, batch: dict[str, torch.Tensor]) ->
         ignore_index=IGNORE_INDEX,
         reduction="sum",
     )
-    return loss, int((shift_labels != IGNORE_INDEX).sum())
+    return loss
 
 
 def finetune(
@@ -154,7 +154,7 @@ def finetune(
                 k: v.to(device)
                 for k, v in collate(b_examples[start : start + params.micro_batch_size], tokenizer.pad_token_id).items()
             }
-            mb_loss_sum, _ = summed_token_loss(model, mb)
+            mb_loss_sum = summed_token_loss(model, mb)
             (mb_loss_sum / max(1, num_target_tokens)).backward()
             batch_loss += mb_loss_sum.item()
         # 3. clip, step, schedule
