@@ -57,6 +57,11 @@ class RewardName(str, Enum):
     orm_dense = "orm_dense"
 
 
+class ORMFilter(str, Enum):
+    orm = "orm"  # ORM EI keeps a sample by the ORM's score alone (the ground truth is not consulted)
+    orm_and_correct = "orm_and_correct"  # ... by the ORM's score and a correct final answer
+
+
 class LoggerName(str, Enum):
     mlflow = "mlflow"
     none = "none"
@@ -216,13 +221,48 @@ class EIConfig(AlgoConfig):
     max_steps: int | None = None  # cap on fine-tuning optimizer steps per round; None = epochs decide
     lr: float | None = None  # peak fine-tuning learning rate; None = model.lr
     eval_init: bool = True  # also evaluate the initial policy (round 0 of the accuracy-vs-round curve)
+    # reward=orm / orm_dense only (ORM EI). The paper does not give its filtering rule; ours: keep a sample when
+    # the ORM's score (orm: of the whole solution; orm_dense: the lowest score after any step) is >= orm_threshold.
+    orm_threshold: float = 0.5
+    orm_filter: ORMFilter = ORMFilter.orm  # orm | orm_and_correct
 
     def __post_init__(self) -> None:
         if self.rounds < 1 or self.num_samples < 1:
             raise ConfigError(f"algo.rounds={self.rounds} and algo.num_samples={self.num_samples} must be >= 1.")
+        if not 0 <= self.orm_threshold <= 1:
+            raise ConfigError(f"algo.orm_threshold={self.orm_threshold} must be a probability in [0, 1].")
 
     def supported_rewards(self) -> tuple[str, ...]:
-        return ("sparse",)
+        return ("sparse", "orm", "orm_dense")
+
+
+@dataclass
+class RCRLConfig(AlgoConfig):
+    """algo=rcrl: Return-Conditioned RL with per-step goal tokens (paper section 4.3); see algos/rcrl.py."""
+
+    name: str = "rcrl"
+    # The labelling policy: the EI policy these settings train from the same init (a cached stage, shared with an
+    # algo=ei run of the same settings).
+    ei: EIConfig = field(default_factory=lambda: EIConfig(rounds=2, eval_init=False))
+    num_solutions: int = 4  # solutions sampled per training question from the EI policy (good and bad ones)
+    num_rollouts: int = 4  # K completions sampled from each step prefix to estimate its success rate
+    threshold: float = 0.5  # T: a step is [GOOD] when the fraction of its K completions that are correct is >= T
+    n_questions: int | None = None  # training questions to label (a seeded draw); None = all
+    temperature: float = 1.0  # sampling temperature of solutions and rollouts
+    top_p: float = 1.0
+    max_new_tokens: int = 256
+    epochs: float = 2.0  # fine-tuning passes over the labelled solutions
+    max_steps: int | None = None  # cap on fine-tuning optimizer steps; None = epochs decide
+    lr: float | None = None  # peak fine-tuning learning rate; None = model.lr
+
+    def __post_init__(self) -> None:
+        if self.num_solutions < 1 or self.num_rollouts < 1:
+            raise ConfigError("algo.num_solutions and algo.num_rollouts must be >= 1.")
+        if not 0 <= self.threshold <= 1:
+            raise ConfigError(f"algo.threshold={self.threshold} must be a fraction in [0, 1].")
+
+    def supported_rewards(self) -> tuple[str, ...]:
+        return ("sparse", "orm")
 
 
 # --------------------------------------------------------------------------------------------- reward
@@ -253,6 +293,35 @@ class EvalConfig:
             raise ConfigError("eval.temperature must be >= 0 and eval.top_p in (0, 1].")
 
 
+# ------------------------------------------------------------------------------------------------ orm
+
+
+@dataclass
+class ORMConfig:
+    """The outcome reward model (algos/orm.py): trained when the reward needs it or ``orm.rerank=true``.
+
+    Its training samples are graded samples of the init policy on the training questions, drawn like the first
+    round of EI (K per question, temperature 1). Both the samples and the ORM are cached stages.
+    """
+
+    rerank: bool = False  # train (or reuse) the ORM even when the reward does not need it, to fill eval/rerank_at_k
+    num_samples: int = 4  # samples per training question that label the ORM's data
+    n_questions: int | None = None  # training questions sampled for labels (a seeded draw); None = all
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 256
+    heldout_fraction: float = 0.1  # questions whose samples are held out to report the ORM's accuracy and AUC
+    epochs: float = 1.0  # passes over the labelled samples
+    max_steps: int | None = None
+    lr: float | None = None  # None = model.lr
+
+    def __post_init__(self) -> None:
+        if self.num_samples < 1:
+            raise ConfigError(f"orm.num_samples={self.num_samples} must be >= 1.")
+        if not 0 < self.heldout_fraction < 1:
+            raise ConfigError(f"orm.heldout_fraction={self.heldout_fraction} must be in (0, 1).")
+
+
 # --------------------------------------------------------------------------------------------- logger
 
 
@@ -276,14 +345,20 @@ class ExperimentConfig:
     task: TaskConfig = MISSING
     logger: LoggerConfig = MISSING
     eval: EvalConfig = field(default_factory=EvalConfig)
+    orm: ORMConfig = field(default_factory=ORMConfig)
     seed: int = 0  # every random choice (sampling, init of the tiny model, data order) derives from it
     device: Device = Device.auto  # where to train and sample
     cache_dir: str = ".cache"  # shared stages (converted models, later SFT checkpoints and ORMs)
+
+    @property
+    def needs_orm(self) -> bool:
+        return self.reward.name in (RewardName.orm, RewardName.orm_dense) or self.orm.rerank
 
     def __post_init__(self) -> None:
         for key, max_new_tokens in (
             ("eval", self.eval.max_new_tokens),
             ("algo", getattr(self.algo, "max_new_tokens", 0)),
+            ("orm", self.orm.max_new_tokens if self.needs_orm else 0),
         ):
             if max_new_tokens >= self.model.max_seq_len:
                 raise ConfigError(
@@ -302,7 +377,7 @@ def register_configs() -> None:
     cs = ConfigStore.instance()
     cs.store(name="experiment_schema", node=ExperimentConfig)
     options: dict[str, dict[str, Any]] = {
-        "algo": {"none": NoAlgoConfig(), "ei": EIConfig()},
+        "algo": {"none": NoAlgoConfig(), "ei": EIConfig(), "rcrl": RCRLConfig()},
         "reward": {
             "sparse": RewardConfig(name=RewardName.sparse),
             "dense": RewardConfig(name=RewardName.dense, step_reward=0.2),

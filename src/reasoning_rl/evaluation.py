@@ -53,6 +53,7 @@ def evaluate(
     seed: int,
     batch_size: int,
     reranker: Reranker | None = None,
+    banned_token_ids: tuple[int, ...] = (),
     progress: bool = True,
 ) -> EvalResult:
     prompts = [build_prompt(p.question) for p in problems]
@@ -60,7 +61,7 @@ def evaluate(
         model,
         tokenizer,
         prompts,
-        SamplingParams(0.0, 1.0, cfg.max_new_tokens, STOP_STRINGS),
+        SamplingParams(0.0, 1.0, cfg.max_new_tokens, STOP_STRINGS, banned_token_ids),
         num_samples=1,
         seed=seed,
         batch_size=batch_size,
@@ -70,7 +71,7 @@ def evaluate(
         model,
         tokenizer,
         prompts,
-        SamplingParams(cfg.temperature, cfg.top_p, cfg.max_new_tokens, STOP_STRINGS),
+        SamplingParams(cfg.temperature, cfg.top_p, cfg.max_new_tokens, STOP_STRINGS, banned_token_ids),
         num_samples=cfg.k,
         seed=seed + 1,
         batch_size=batch_size,

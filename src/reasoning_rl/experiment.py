@@ -3,7 +3,8 @@
 The pipeline (``run_experiment``):
   1. resolve paths and check the output directory is writable (fail before any work)
   2. load the task, the policy and its tokenizer
-  3. apply the init: few-shot prompting (``pretrained``) or supervised fine-tuning (``sft``)
+  3. apply the init: few-shot prompting (``pretrained``) or supervised fine-tuning (``sft``); load or train the
+     ORM when the reward needs it (``reward=orm|orm_dense``) or ``orm.rerank=true``
   4. run the algorithm, looked up by name in ``ALGOS``
   5. evaluate on the test split and log eval/ metrics and the per-problem samples
 """
@@ -11,6 +12,7 @@ The pipeline (``run_experiment``):
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import os
 import random
@@ -20,13 +22,14 @@ from pathlib import Path
 
 import torch
 
-from reasoning_rl.algos import ei
+from reasoning_rl.algos import ei, orm
 from reasoning_rl.algos.sft import finetune
 from reasoning_rl.config import ExperimentConfig, GSM8KTaskConfig, InitName, ModelSource, SVAMPTaskConfig
 from reasoning_rl.evaluation import EvalResult, write_records
-from reasoning_rl.models import load_policy, resolve_device, save_checkpoint
+from reasoning_rl.models import TORCH_DTYPES, load_checkpoint, load_policy, resolve_device, save_checkpoint
 from reasoning_rl.prompts import build_prompt, pick_exemplars
 from reasoning_rl.run_context import RunContext, evaluate_policy, finetune_params
+from reasoning_rl.stages import cached_stage, init_stage_inputs
 from reasoning_rl.tasks import load_task
 from reasoning_rl.tracking import Tracker
 
@@ -77,11 +80,18 @@ def seed_everything(seed: int) -> None:
 
 
 def apply_init(ctx: RunContext) -> Callable[[str], str]:
-    """Returns the prompt builder of the init; ``init=sft`` fine-tunes ``ctx.model`` in place first."""
+    """Returns the prompt builder of the init; ``init=sft`` puts the fine-tuned policy in ``ctx.model`` first.
+
+    The SFT checkpoint is a cached stage (``stages.py``): every job with the same model, task, init and seed
+    shares one, computed by whichever job gets there first.
+    """
     cfg = ctx.cfg
     exemplars = pick_exemplars(ctx.splits.train, cfg.init.n_shots, cfg.seed) if cfg.init.n_shots else []
     prompt_fn = functools.partial(build_prompt, exemplars=exemplars)
-    if cfg.init.name == InitName.sft:
+    if cfg.init.name != InitName.sft:
+        return prompt_fn
+
+    def build_sft(directory: Path) -> None:
         init = cfg.init
         params = finetune_params(
             ctx,
@@ -96,10 +106,16 @@ def apply_init(ctx: RunContext) -> Callable[[str], str]:
         )
         examples = [(prompt_fn(p.question), p.reference) for p in ctx.splits.train]
         stats = finetune(ctx.model, ctx.tokenizer, examples, params, ctx.tracker, metric_prefix="sft")
-        ctx.tracker.log_metrics({"train/sft_final_loss": stats["final_loss"], "train/sft_steps": stats["steps"]})
-        checkpoint = ctx.output_dir / "checkpoints" / "sft"
-        save_checkpoint(ctx.model, ctx.tokenizer, checkpoint)
-        log_checkpoint(ctx.tracker, checkpoint, "sft")
+        save_checkpoint(ctx.model, ctx.tokenizer, directory / "model")
+        (directory / "stats.json").write_text(json.dumps(stats))
+
+    stage = cached_stage(Path(cfg.cache_dir), "sft", init_stage_inputs(cfg), build_sft, ctx.tracker)
+    checkpoint = stage.path / "model"
+    if stage.reused:
+        ctx.model, ctx.tokenizer = load_checkpoint(checkpoint, ctx.device, TORCH_DTYPES[cfg.model.dtype])
+    stats = json.loads((stage.path / "stats.json").read_text())
+    ctx.tracker.log_metrics({"train/sft_final_loss": stats["final_loss"], "train/sft_steps": stats["steps"]})
+    log_checkpoint(ctx.tracker, checkpoint, "sft")
     return prompt_fn
 
 
@@ -124,8 +140,10 @@ def run_experiment(cfg: ExperimentConfig, tracker: Tracker, *, base_dir: Path, o
     model, tokenizer = load_policy(cfg.model, seed=cfg.seed, cache_dir=Path(cfg.cache_dir), device=device)
     ctx = RunContext(cfg, model, tokenizer, splits, build_prompt, tracker, output_dir, device)
 
-    # 3. init
+    # 3. init, and the ORM when the reward or the reranking needs one
     ctx.build_prompt = apply_init(ctx)
+    if cfg.needs_orm:
+        ctx.orm = orm.load_or_train(ctx)
 
     # 4. algorithm
     result = ALGOS[cfg.algo.name](ctx)

@@ -1,4 +1,5 @@
-"""Evaluation metrics (paper section 3): maj@1, maj@K, rerank@K, pass@K and the unbiased pass@k estimator.
+"""Evaluation metrics (paper section 3): maj@1, maj@K, rerank@K, pass@K, the unbiased pass@k estimator, and the
+ORM's held-out ROC AUC.
 
 Pure functions of extracted answers and correctness flags, so they are tested with numbers worked by hand.
 """
@@ -50,3 +51,28 @@ def pass_at_k_ladder(k_max: int) -> list[int]:
 
 def mean(values: Sequence[float]) -> float:
     return sum(values) / len(values) if values else float("nan")
+
+
+def roc_auc(scores: Sequence[float], labels: Sequence[bool]) -> float:
+    """Area under the ROC curve: the probability that a random positive scores above a random negative (ties 1/2).
+
+    The Mann-Whitney form, exact, O(n log n) via average ranks. NaN when one class is absent.
+    """
+    if len(scores) != len(labels):
+        raise ValueError(f"{len(scores)} scores but {len(labels)} labels")
+    num_pos = sum(labels)
+    num_neg = len(labels) - num_pos
+    if num_pos == 0 or num_neg == 0:
+        return float("nan")
+    order = sorted(range(len(scores)), key=lambda i: scores[i])
+    ranks = [0.0] * len(scores)
+    start = 0
+    while start < len(order):  # tied scores share the average of their 1-based ranks
+        end = start
+        while end + 1 < len(order) and scores[order[end + 1]] == scores[order[start]]:
+            end += 1
+        for i in order[start : end + 1]:
+            ranks[i] = (start + end) / 2 + 1
+        start = end + 1
+    pos_rank_sum = sum(r for r, positive in zip(ranks, labels, strict=True) if positive)
+    return (pos_rank_sum - num_pos * (num_pos + 1) / 2) / (num_pos * num_neg)

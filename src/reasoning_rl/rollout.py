@@ -43,6 +43,7 @@ class SamplingParams:
     top_p: float = 1.0  # nucleus sampling: sample from the smallest set of tokens with this much probability mass
     max_new_tokens: int = 256  # completion length limit
     stop_strings: tuple[str, ...] = ()  # a sequence stops when its decoded completion contains one
+    banned_token_ids: tuple[int, ...] = ()  # never sampled: their logits are set to -inf (RCRL's [BAD] goal token)
 
     def __post_init__(self) -> None:
         if self.temperature < 0 or not 0 < self.top_p <= 1 or self.max_new_tokens < 1:
@@ -263,7 +264,10 @@ class _Decoder:
         finish: list[str | None] = [None] * len(prompts)
         live = list(range(len(prompts)))  # batch row -> sequence; shrinks as finished rows are pruned
         finished_live = 0  # rows of `live` that have finished but are still in the batch
+        banned = torch.tensor(params.banned_token_ids, dtype=torch.long, device=self.device)
         for step in range(params.max_new_tokens):
+            if params.banned_token_ids:
+                logits = logits.index_fill(-1, banned, float("-inf"))
             token = sample_next_token(logits, params.temperature, params.top_p, self.generator)  # (B,)
             token_logprob = torch.log_softmax(logits, dim=-1).gather(-1, token[:, None]).squeeze(-1)  # (B,)
             # One device->host copy per step; float64 holds token ids exactly.

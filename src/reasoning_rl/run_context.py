@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -14,6 +15,9 @@ from reasoning_rl.config import ExperimentConfig
 from reasoning_rl.evaluation import EvalResult, evaluate
 from reasoning_rl.tasks import TaskSplits
 from reasoning_rl.tracking import Tracker
+
+if TYPE_CHECKING:
+    from reasoning_rl.algos.orm import OutcomeRewardModel
 
 
 @dataclass
@@ -28,6 +32,8 @@ class RunContext:
     tracker: Tracker
     output_dir: Path
     device: torch.device
+    orm: OutcomeRewardModel | None = None  # set when the reward needs it or orm.rerank; evaluation reranks with it
+    banned_token_ids: tuple[int, ...] = ()  # never sampled at evaluation (RCRL bans its [BAD] goal token)
 
 
 def evaluate_policy(ctx: RunContext, *, step: int | None = None, progress: bool = True) -> EvalResult:
@@ -40,6 +46,8 @@ def evaluate_policy(ctx: RunContext, *, step: int | None = None, progress: bool 
         ctx.cfg.eval,
         seed=ctx.cfg.seed,
         batch_size=ctx.cfg.model.sample_batch_size,
+        reranker=ctx.orm,
+        banned_token_ids=ctx.banned_token_ids,
         progress=progress,
     )
     ctx.tracker.log_metrics(result.metrics, step=step)

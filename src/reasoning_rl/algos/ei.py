@@ -2,7 +2,9 @@
 
 Round i = 1 .. algo.rounds:
   1. sample K = algo.num_samples solutions for every training question from pi_{i-1}
-  2. grade them with the reward (reward=sparse: the final answer is correct)
+  2. grade them with the reward: reward=sparse keeps a sample whose final answer is correct; ORM EI (reward=orm)
+     one whose ORM score is >= algo.orm_threshold, reward=orm_dense one whose lowest score after any step is, and
+     algo.orm_filter=orm_and_correct asks for a correct final answer as well (the paper does not give its rule)
   3. keep the good ones and drop duplicates: two solutions of one question are the same when their sequence of
      arithmetic operations is the same (``operation_signature``), or, for solutions with no arithmetic, their text
   4. D_i = R_i ∪ D_{i-1}
@@ -11,8 +13,7 @@ Round i = 1 .. algo.rounds:
   6. evaluate pi_i on the test split: the accuracy-vs-round curve of the paper's figure 2, at step i
 
 Deviations from the paper: K defaults to 4 (the paper's light setting; its table uses 96) and the fine-tuning
-budget is ``algo.epochs`` over D_i rather than a tuned number of steps. Only ``reward=sparse`` is available until
-the ORM exists (issue 3).
+budget is ``algo.epochs`` over D_i rather than a tuned number of steps.
 
     python main.py algo=ei init=sft model=tiny task=arith
 """
@@ -20,21 +21,29 @@ the ORM exists (issue 3).
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import random
 from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from reasoning_rl.algos.sft import finetune
-from reasoning_rl.config import EIConfig
+from reasoning_rl.config import EIConfig, ORMFilter, RewardName
 from reasoning_rl.evaluation import EvalResult
+from reasoning_rl.metrics import mean
+from reasoning_rl.models import TORCH_DTYPES, load_checkpoint, save_checkpoint
 from reasoning_rl.prompts import STOP_STRINGS
-from reasoning_rl.rollout import SamplingParams, generate
+from reasoning_rl.rollout import Sample, SamplingParams, generate
 from reasoning_rl.run_context import RunContext, evaluate_policy, finetune_params
+from reasoning_rl.stages import cached_stage, init_stage_inputs, plain
 from reasoning_rl.tasks import Problem, is_correct, operation_signature
 
 log = logging.getLogger(__name__)
 
 Dataset = dict[str, list[str]]  # problem id -> its kept solutions, in the order they were found
+Graded = dict[str, list[tuple[str, bool, bool]]]  # problem id -> (sample text, kept by the reward, correct)
 
 
 def dedupe_key(solution: str) -> tuple[str, ...]:
@@ -74,15 +83,66 @@ def round_questions(train: Sequence[Problem], n_questions: int | None, seed: int
     return random.Random(seed).sample(list(train), n_questions)
 
 
+def grade(ctx: RunContext, cfg: EIConfig, questions: Sequence[Problem], samples: Sequence[Sequence[Sample]]) -> Graded:
+    """Step 2: for each question, its samples as (text, kept by the reward, final answer correct)."""
+    correct = [[is_correct(s.text, p.answer) for s in group] for p, group in zip(questions, samples, strict=True)]
+    keep = correct
+    if ctx.cfg.reward.name in (RewardName.orm, RewardName.orm_dense):
+        assert ctx.orm is not None  # the pipeline loads it for these rewards
+        prompts = [ctx.build_prompt(p.question) for p, group in zip(questions, samples, strict=True) for _ in group]
+        texts = [s.text for group in samples for s in group]
+        dense = ctx.cfg.reward.name == RewardName.orm_dense
+        flat = ctx.orm.min_step_scores(prompts, texts) if dense else ctx.orm.score_prefixes(prompts, texts)
+        scores = iter(flat)
+        keep = [[next(scores) >= cfg.orm_threshold for _ in group] for group in samples]
+        if cfg.orm_filter == ORMFilter.orm_and_correct:
+            keep = [[k and c for k, c in zip(ks, cs, strict=True)] for ks, cs in zip(keep, correct, strict=True)]
+    return {
+        p.id: [(s.text, k, c) for s, k, c in zip(group, ks, cs, strict=True)]
+        for p, group, ks, cs in zip(questions, samples, keep, correct, strict=True)
+    }
+
+
 def run(ctx: RunContext) -> EvalResult:
-    cfg: EIConfig = ctx.cfg.algo  # type: ignore[assignment]
+    """algo=ei: train in place, evaluating after every round."""
+    result = expert_iteration(ctx, ctx.cfg.algo, evaluate_rounds=True)  # type: ignore[arg-type]
+    assert result is not None
+    return result
+
+
+def trained_policy(ctx: RunContext, cfg: EIConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """The EI policy that ``cfg`` trains from this run's init (RCRL's labelling policy); ctx.model is untouched.
+
+    A cached stage ("ei_policy"), shared by every run with the same init, reward, ORM and EI settings.
+    """
+    run_cfg = ctx.cfg
+
+    def build(directory: Path) -> None:
+        policy = dataclasses.replace(ctx, model=copy.deepcopy(ctx.model))
+        expert_iteration(policy, cfg, evaluate_rounds=False)
+        save_checkpoint(policy.model, policy.tokenizer, directory / "model")
+
+    inputs = {
+        **init_stage_inputs(run_cfg),
+        "sample_batch_size": run_cfg.model.sample_batch_size,
+        "reward": run_cfg.reward,
+        "ei": cfg,
+    }
+    if run_cfg.needs_orm:
+        inputs["orm"] = {k: v for k, v in plain(run_cfg.orm).items() if k != "rerank"}
+    stage = cached_stage(Path(run_cfg.cache_dir), "ei_policy", inputs, build, ctx.tracker)
+    return load_checkpoint(stage.path / "model", ctx.device, TORCH_DTYPES[run_cfg.model.dtype])
+
+
+def expert_iteration(ctx: RunContext, cfg: EIConfig, *, evaluate_rounds: bool) -> EvalResult | None:
+    """Rounds 1..cfg.rounds on ctx.model, in place; the last evaluation when ``evaluate_rounds``."""
     seed = ctx.cfg.seed
     initial_state = copy.deepcopy(ctx.model.state_dict()) if cfg.reinit_each_round else None
     problems_by_id = {p.id: p for p in ctx.splits.train}
     dataset: Dataset = {}
     samples_drawn = 0
     finetune_steps = 0
-    result = evaluate_policy(ctx, step=0) if cfg.eval_init else None
+    result = evaluate_policy(ctx, step=0) if cfg.eval_init and evaluate_rounds else None
     sampling = SamplingParams(cfg.temperature, cfg.top_p, cfg.max_new_tokens, STOP_STRINGS)
 
     for round_index in range(1, cfg.rounds + 1):
@@ -101,12 +161,11 @@ def run(ctx: RunContext) -> EvalResult:
         )
         samples_drawn += len(questions) * cfg.num_samples
 
-        # 2. grade: the sparse reward is 1 exactly when the final answer is correct
-        candidates = {
-            p.id: [(s.text, is_correct(s.text, p.answer)) for s in group]
-            for p, group in zip(questions, samples, strict=True)
-        }
-        num_correct = sum(good for graded in candidates.values() for _, good in graded)
+        # 2. grade with the reward
+        graded = grade(ctx, cfg, questions, samples)
+        candidates = {pid: [(text, keep) for text, keep, _ in rows] for pid, rows in graded.items()}
+        num_correct = sum(correct for rows in graded.values() for _, _, correct in rows)
+        kept = [correct for rows in graded.values() for _, keep, correct in rows if keep]
 
         # 3. + 4. filter, dedupe, and accumulate: D_i = R_i ∪ D_{i-1}
         dataset, added = merge_good_solutions(dataset, candidates)
@@ -115,6 +174,8 @@ def run(ctx: RunContext) -> EvalResult:
             {
                 "train/ei_samples_drawn": samples_drawn,
                 "train/ei_fraction_correct": num_correct / (len(questions) * cfg.num_samples),
+                "train/ei_fraction_kept": len(kept) / (len(questions) * cfg.num_samples),
+                "train/ei_kept_precision": mean(kept),  # kept samples that are correct (< 1 only for ORM EI)
                 "train/ei_new_unique_solutions": added,
                 "train/ei_dataset_size": dataset_size,
                 "train/ei_questions_covered": len(dataset) / len(ctx.splits.train),
@@ -130,10 +191,9 @@ def run(ctx: RunContext) -> EvalResult:
             dataset_size,
         )
         if not dataset:
-            log.warning(
-                "EI round %d: no correct sample yet, so nothing to fine-tune on; the policy is unchanged", round_index
-            )
-            result = evaluate_policy(ctx, step=round_index)
+            log.warning("EI round %d: no sample kept yet, nothing to fine-tune on; policy unchanged", round_index)
+            if evaluate_rounds:
+                result = evaluate_policy(ctx, step=round_index)
             continue
 
         # 5. fine-tune on D_i, from the initial checkpoint or from pi_{i-1}
@@ -151,6 +211,6 @@ def run(ctx: RunContext) -> EvalResult:
         finetune_steps += int(stats["steps"])  # train/ei_loss is one curve over all rounds
 
         # 6. evaluate pi_i: one point of the accuracy-vs-round curve
-        result = evaluate_policy(ctx, step=round_index)
-    assert result is not None  # rounds >= 1, and every round evaluates
+        if evaluate_rounds:
+            result = evaluate_policy(ctx, step=round_index)
     return result

@@ -1,7 +1,8 @@
 """Supervised fine-tuning: cross-entropy on solution tokens only.
 
 Used for ``init=sft`` (fine-tune the base model on the task's reference solutions, the paper's SFT
-initialisation) and by Expert Iteration, which fine-tunes on its filtered samples each round.
+initialisation), by Expert Iteration, which fine-tunes on its filtered samples each round, and by RCRL; the ORM
+trains with the same loop and its own loss (``loss_fn``).
 
 Optimiser: AdamW, linear warm-up then cosine decay to ``lr * min_lr_ratio``, gradient accumulation over
 micro-batches, gradient-norm clipping. The loss of a batch is the mean over all of its target tokens (not the mean
@@ -13,7 +14,7 @@ from __future__ import annotations
 import logging
 import math
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -47,26 +48,31 @@ class FinetuneParams:
 class TokenizedExample:
     input_ids: list[int]  # prompt tokens + completion tokens + EOS
     prompt_len: int  # the first prompt_len tokens carry no loss
+    outcome: float | None = None  # the ORM's target for every completion token (1 = correct final answer)
+
+
+# (prompt, completion) for cross-entropy; (prompt, completion, outcome) for the ORM's binary cross-entropy
+Example = tuple[str, str] | tuple[str, str, float]
 
 
 def tokenize_examples(
-    tokenizer: PreTrainedTokenizerBase, examples: Sequence[tuple[str, str]], max_seq_len: int
+    tokenizer: PreTrainedTokenizerBase, examples: Sequence[Example], max_seq_len: int
 ) -> list[TokenizedExample]:
-    """(prompt, completion) pairs -> token ids with EOS appended; examples longer than max_seq_len are dropped.
+    """(prompt, completion[, outcome]) -> token ids with EOS appended; examples longer than max_seq_len are dropped.
 
     Prompt and completion are tokenized separately, exactly as the sampler sees them (the prompt with the
     tokenizer's default special tokens, e.g. Llama's BOS, then generated tokens), so training and sampling agree on
     the token boundary.
     """
     tokenized, dropped = [], 0
-    for prompt, completion in examples:
+    for prompt, completion, *outcome in examples:
         prompt_ids = tokenizer(prompt)["input_ids"]
         completion_ids = tokenizer(completion, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
         ids = prompt_ids + completion_ids
         if len(ids) > max_seq_len:
             dropped += 1
             continue
-        tokenized.append(TokenizedExample(ids, len(prompt_ids)))
+        tokenized.append(TokenizedExample(ids, len(prompt_ids), outcome[0] if outcome else None))
     if dropped:
         log.warning("dropped %d of %d examples longer than max_seq_len=%d", dropped, len(examples), max_seq_len)
     if not tokenized:
@@ -75,7 +81,7 @@ def tokenize_examples(
 
 
 def collate(batch: Sequence[TokenizedExample], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad a batch; labels are IGNORE_INDEX on prompt and padding positions."""
+    """Right-pad a batch; labels are IGNORE_INDEX on prompt and padding positions; ORM examples add outcomes."""
     width = max(len(ex.input_ids) for ex in batch)
     input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)  # (B, T)
     labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)  # (B, T)
@@ -85,7 +91,10 @@ def collate(batch: Sequence[TokenizedExample], pad_id: int) -> dict[str, torch.T
         input_ids[row, :n] = torch.tensor(ex.input_ids)
         labels[row, ex.prompt_len : n] = input_ids[row, ex.prompt_len : n]
         attention_mask[row, :n] = 1
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+    collated = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+    if batch[0].outcome is not None:
+        collated["outcomes"] = torch.tensor([ex.outcome for ex in batch], dtype=torch.float32)  # (B,)
+    return collated
 
 
 def lr_multiplier(step: int, total_steps: int, warmup_steps: int, min_lr_ratio: float) -> float:
@@ -111,17 +120,22 @@ def summed_token_loss(model: PreTrainedModel, batch: dict[str, torch.Tensor]) ->
 
 
 def finetune(
-    model: PreTrainedModel,
+    model: torch.nn.Module,  # a causal LM, or the ORM
     tokenizer: PreTrainedTokenizerBase,
-    examples: Sequence[tuple[str, str]],
+    examples: Sequence[Example],
     params: FinetuneParams,
     tracker: Tracker,
     *,
     metric_prefix: str = "sft",
     step_offset: int = 0,
     progress: bool = True,
+    loss_fn: Callable[[torch.nn.Module, dict[str, torch.Tensor]], torch.Tensor] = summed_token_loss,
 ) -> dict[str, float]:
-    """Fine-tune ``model`` in place on (prompt, completion) pairs; returns summary statistics."""
+    """Fine-tune ``model`` in place on (prompt, completion) pairs; returns summary statistics.
+
+    ``loss_fn(model, batch)`` returns the loss summed over the batch's target tokens (the completion tokens and
+    EOS): next-token cross-entropy by default, the ORM's binary cross-entropy for (prompt, completion, outcome).
+    """
     data = tokenize_examples(tokenizer, examples, params.max_seq_len)
     device = next(model.parameters()).device
     steps_per_epoch = max(1, len(data) // params.batch_size)
@@ -154,7 +168,7 @@ def finetune(
                 k: v.to(device)
                 for k, v in collate(b_examples[start : start + params.micro_batch_size], tokenizer.pad_token_id).items()
             }
-            mb_loss_sum = summed_token_loss(model, mb)
+            mb_loss_sum = loss_fn(model, mb)
             (mb_loss_sum / max(1, num_target_tokens)).backward()
             batch_loss += mb_loss_sum.item()
         # 3. clip, step, schedule

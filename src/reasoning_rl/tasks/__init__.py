@@ -13,6 +13,7 @@ from reasoning_rl.tasks.answers import (
     parse_annotations,
     parse_number,
     split_steps,
+    step_prefixes,
 )
 from reasoning_rl.tasks.arith import generate_arith
 from reasoning_rl.tasks.calculator import CalculatorError, safe_eval
@@ -40,5 +41,6 @@ __all__ = [
     "problem_from_reference",
     "safe_eval",
     "split_steps",
+    "step_prefixes",
     "subset_splits",
 ]

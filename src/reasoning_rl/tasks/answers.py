@@ -190,6 +190,20 @@ def split_steps(solution: str) -> list[str]:
     return [line.strip() for line in _body(solution).splitlines() if line.strip()]
 
 
+def step_prefixes(solution: str) -> list[str]:
+    """The solution cut after each of its steps (non-blank lines, the "####" line included), text kept exactly.
+
+    "a\n\nb\n#### 3" -> ["a\n", "a\n\nb\n", "a\n\nb\n#### 3"]: the last prefix is the whole solution, and
+    blank lines belong to the step that follows them. Used to score (ORM) and label (RCRL) partial solutions.
+    """
+    prefixes, end = [], 0
+    for line in solution.splitlines(keepends=True):
+        end += len(line)
+        if line.strip():
+            prefixes.append(solution[:end])
+    return prefixes
+
+
 def parse_annotations(text: str) -> list[tuple[str, str]]:
     """Every calculator annotation ``<<expr=result>>`` in ``text`` as ``(expr, result)``, in order, stripped."""
     return [(m.group(1).strip(), m.group(2).strip()) for m in _ANNOTATION.finditer(text)]

@@ -1,0 +1,106 @@
+"""Cached, content-addressed stages shared by the jobs of a sweep (the SFT checkpoint, ORM samples, the ORM).
+
+A stage is a directory under ``<cache_dir>/stages/<name>/<key>``, where the key is the hash of everything that
+determines its content (``inputs``: the config sections the stage reads, plus ``STAGE_FORMAT``). The first job
+that needs a stage builds it; every later job, in this run or another, reuses it. Two jobs that need it at the
+same time compute it once: the builder holds a file lock, the other waits and then reuses.
+
+A stage is never seen half-written: it is built in a temporary directory beside its final place, ``stage.json``
+(its inputs, for the curious) is written last, and the directory is renamed into place. A crash leaves at most a
+temporary directory, which the next builder ignores. Delete ``<cache_dir>/stages`` to recompute everything.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+from filelock import FileLock
+
+from reasoning_rl.config import ExperimentConfig
+from reasoning_rl.tracking import Tracker
+
+log = logging.getLogger(__name__)
+
+STAGE_FORMAT = 1  # bump when a stage's content changes for the same inputs (a code change), to invalidate caches
+MANIFEST = "stage.json"
+
+
+def plain(value: Any) -> Any:
+    """Config objects (dataclasses, enums, paths) as JSON-able values, for hashing and the manifest."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, Enum):
+        return value.value
+    if isinstance(value, Mapping):
+        return {str(k): plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [plain(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def stage_key(name: str, inputs: Mapping[str, Any]) -> str:
+    """16 hex digits of the SHA-256 of the stage's name, format version and inputs (key order does not matter)."""
+    text = json.dumps({"stage": name, "format": STAGE_FORMAT, "inputs": plain(inputs)}, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def init_stage_inputs(cfg: ExperimentConfig) -> dict[str, Any]:
+    """What determines the init policy (the SFT checkpoint): the base model and its training settings, the data,
+    the init and the seed. Every stage built from the init policy includes these."""
+    model = {k: v for k, v in plain(cfg.model).items() if k != "sample_batch_size"}  # sampling only
+    return {"model": model, "task": cfg.task, "init": cfg.init, "seed": cfg.seed}
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    key: str
+    path: Path  # the finished stage directory
+    reused: bool  # True when an earlier job built it
+
+
+def cached_stage(
+    cache_dir: Path, name: str, inputs: Mapping[str, Any], build: Callable[[Path], None], tracker: Tracker
+) -> Stage:
+    """The stage ``name`` for ``inputs``: reused when it exists, else built by ``build(directory)`` exactly once.
+
+    ``build`` writes the stage's files into the (empty, temporary) directory it is given. The run is tagged
+    ``stage/<name>`` with "reused <path>" or "computed <path>", so a run says which stages it shared.
+    """
+    key = stage_key(name, inputs)
+    final = Path(cache_dir) / "stages" / name / key
+    reused = (final / MANIFEST).is_file()
+    if not reused:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(final) + ".lock"):
+            reused = (final / MANIFEST).is_file()  # another job may have built it while we waited for the lock
+            if not reused:
+                _build_atomically(final, name, inputs, build)
+    log.info("stage %s: %s %s", name, "reused" if reused else "computed", final)
+    tracker.set_tags({f"stage/{name}": f"{'reused' if reused else 'computed'} {final}"})
+    return Stage(name, key, final, reused)
+
+
+def _build_atomically(final: Path, name: str, inputs: Mapping[str, Any], build: Callable[[Path], None]) -> None:
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+    tmp.chmod(0o755)  # mkdtemp makes it private; a stage is shared by every job of the machine
+    try:
+        build(tmp)
+        manifest = {"stage": name, "format": STAGE_FORMAT, "inputs": plain(inputs)}
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+        os.replace(tmp, final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
