@@ -53,6 +53,7 @@ def evaluate(
     seed: int,
     batch_size: int,
     reranker: Reranker | None = None,
+    orm_prompt: Callable[[str], str] | None = None,
     banned_token_ids: tuple[int, ...] = (),
     progress: bool = True,
 ) -> EvalResult:
@@ -77,7 +78,10 @@ def evaluate(
         batch_size=batch_size,
         progress=f"eval K={cfg.k}" if progress else None,
     )
-    scores = reranker.score(prompts, [[s.text for s in group] for group in sampled]) if reranker else None
+    scores = None
+    if reranker is not None:
+        orm_prompts = [orm_prompt(p.question) for p in problems] if orm_prompt else prompts
+        scores = reranker.score(orm_prompts, [[s.text for s in group] for group in sampled])
 
     ks = pass_at_k_ladder(cfg.k)
     per_metric: dict[str, list[float]] = {"maj_at_1": [], "maj_at_k": [], "pass_at_k": [], "sample_accuracy": []}

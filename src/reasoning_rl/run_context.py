@@ -34,6 +34,8 @@ class RunContext:
     device: torch.device
     orm: OutcomeRewardModel | None = None  # set when the reward needs it or orm.rerank; evaluation reranks with it
     banned_token_ids: tuple[int, ...] = ()  # never sampled at evaluation (RCRL bans its [BAD] goal token)
+    orm_prompt: Callable[[str], str] | None = None  # the prompt the ORM scores with; None = build_prompt (RCRL's
+    # policy prompt ends in a goal token the ORM never saw)
 
 
 def evaluate_policy(ctx: RunContext, *, step: int | None = None, progress: bool = True) -> EvalResult:
@@ -47,6 +49,7 @@ def evaluate_policy(ctx: RunContext, *, step: int | None = None, progress: bool 
         seed=ctx.cfg.seed,
         batch_size=ctx.cfg.model.sample_batch_size,
         reranker=ctx.orm,
+        orm_prompt=ctx.orm_prompt,
         banned_token_ids=ctx.banned_token_ids,
         progress=progress,
     )

@@ -83,6 +83,11 @@ def round_questions(train: Sequence[Problem], n_questions: int | None, seed: int
     return random.Random(seed).sample(list(train), n_questions)
 
 
+def orm_keep(scores: Sequence[float], correct: Sequence[bool], threshold: float, rule: ORMFilter) -> list[bool]:
+    """ORM EI's filter: a score >= threshold, and a correct final answer too under ``orm_and_correct``."""
+    return [score >= threshold and (ok or rule == ORMFilter.orm) for score, ok in zip(scores, correct, strict=True)]
+
+
 def grade(ctx: RunContext, cfg: EIConfig, questions: Sequence[Problem], samples: Sequence[Sequence[Sample]]) -> Graded:
     """Step 2: for each question, its samples as (text, kept by the reward, final answer correct)."""
     correct = [[is_correct(s.text, p.answer) for s in group] for p, group in zip(questions, samples, strict=True)]
@@ -93,10 +98,8 @@ def grade(ctx: RunContext, cfg: EIConfig, questions: Sequence[Problem], samples:
         texts = [s.text for group in samples for s in group]
         dense = ctx.cfg.reward.name == RewardName.orm_dense
         flat = ctx.orm.min_step_scores(prompts, texts) if dense else ctx.orm.score_prefixes(prompts, texts)
-        scores = iter(flat)
-        keep = [[next(scores) >= cfg.orm_threshold for _ in group] for group in samples]
-        if cfg.orm_filter == ORMFilter.orm_and_correct:
-            keep = [[k and c for k, c in zip(ks, cs, strict=True)] for ks, cs in zip(keep, correct, strict=True)]
+        kept = iter(orm_keep(flat, [c for cs in correct for c in cs], cfg.orm_threshold, cfg.orm_filter))
+        keep = [[next(kept) for _ in group] for group in samples]
     return {
         p.id: [(s.text, k, c) for s, k, c in zip(group, ks, cs, strict=True)]
         for p, group, ks, cs in zip(questions, samples, keep, correct, strict=True)

@@ -1,0 +1,109 @@
+"""The outcome reward model: label construction, held-out metrics, ORM EI filtering, and a tiny ORM that learns."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from reasoning_rl.algos.ei import orm_keep
+from reasoning_rl.algos.orm import OutcomeRewardModel, heldout_metrics, split_questions, summed_outcome_loss
+from reasoning_rl.algos.sft import FinetuneParams, collate, finetune, tokenize_examples
+from reasoning_rl.config import ModelConfig, ModelSource, ORMFilter
+from reasoning_rl.metrics import roc_auc
+from reasoning_rl.models import load_policy
+from reasoning_rl.tracking import NullTracker
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+TINY = ModelConfig(name="tiny", source=ModelSource.tiny, max_seq_len=64, hidden_size=32, num_layers=2, num_heads=2)
+CPU = torch.device("cpu")
+
+
+def test_roc_auc_by_hand():
+    # positives 0.35 and 0.8 against negatives 0.1 and 0.4: 0.35 beats 0.1 only, 0.8 beats both -> 3 of 4 pairs
+    assert roc_auc([0.1, 0.4, 0.35, 0.8], [False, False, True, True]) == 0.75
+    assert roc_auc([0.5, 0.5], [True, False]) == 0.5  # a tie counts one half
+    assert roc_auc([0.9, 0.1], [True, False]) == 1.0
+    assert roc_auc([0.9, 0.1], [False, True]) == 0.0
+    assert math.isnan(roc_auc([0.2, 0.3], [True, True]))  # one class only
+
+
+def test_heldout_metrics_by_hand():
+    metrics = heldout_metrics([0.9, 0.6, 0.4, 0.2], [True, False, False, False])
+    assert metrics["train/orm_heldout_accuracy"] == 0.75  # 0.6 >= 0.5 predicts correct, wrongly
+    assert metrics["train/orm_heldout_auc"] == 1.0  # the only positive has the top score
+    assert metrics["train/orm_heldout_fraction_correct"] == 0.25
+
+
+def test_split_questions_is_seeded_disjoint_and_by_question():
+    ids = ["q1", "q1", "q2", "q3", "q3", "q4", "q5", "q6", "q7", "q8", "q9", "q10"]  # 10 questions, some repeated
+    train, heldout = split_questions(ids, 0.2, seed=0)
+    assert len(heldout) == 2 and len(train) == 8 and not train & heldout and train | heldout == set(ids)
+    assert split_questions(ids, 0.2, seed=0) == (train, heldout)
+    assert len(split_questions(ids, 0.001, seed=0)[1]) == 1  # at least one held out
+    with pytest.raises(ValueError, match="at least 2 questions"):
+        split_questions(["q1", "q1"], 0.5, seed=0)
+
+
+class ConstantScorer(torch.nn.Module):
+    """Scores every position with the same logit: the loss then follows from counting labelled tokens."""
+
+    def __init__(self, logit: float) -> None:
+        super().__init__()
+        self.logit = logit
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return torch.full(input_ids.shape, self.logit)
+
+
+def test_every_completion_token_carries_its_samples_label():
+    _, tok = load_policy(TINY, seed=0, cache_dir=Path("unused"), device=CPU)
+    # the character tokenizer: "12" is 2 tokens, "345" is 3; each gets EOS appended -> 3 and 4 labelled positions
+    data = tokenize_examples(tok, [("Q:", "12", 1.0), ("Q:", "345", 0.0)], max_seq_len=64)
+    batch = collate(data, tok.pad_token_id)
+    assert batch["outcomes"].tolist() == [1.0, 0.0]
+    labelled = (batch["labels"] != -100).sum(dim=1).tolist()
+    assert labelled == [3, 4]
+    # logit 0: every labelled token costs ln 2, whatever its label
+    assert summed_outcome_loss(ConstantScorer(0.0), batch).item() == pytest.approx(7 * math.log(2))
+    # logit c: a correct sample's token costs softplus(-c), a wrong one's softplus(c)
+    c = 2.0
+    expected = 3 * math.log1p(math.exp(-c)) + 4 * math.log1p(math.exp(c))
+    assert summed_outcome_loss(ConstantScorer(c), batch).item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_orm_keep_by_hand():
+    scores, correct = [0.9, 0.7, 0.3, 0.6], [True, False, True, True]
+    assert orm_keep(scores, correct, 0.5, ORMFilter.orm) == [True, True, False, True]
+    assert orm_keep(scores, correct, 0.5, ORMFilter.orm_and_correct) == [True, False, False, True]
+    assert orm_keep(scores, correct, 0.8, ORMFilter.orm) == [True, False, False, False]
+
+
+def tiny_orm(seed: int = 0) -> OutcomeRewardModel:
+    model, tok = load_policy(TINY, seed=seed, cache_dir=Path("unused"), device=CPU)
+    torch.manual_seed(seed)
+    return OutcomeRewardModel(model, tok, batch_size=4)
+
+
+def test_orm_learns_to_tell_right_from_wrong_and_reloads_exactly(tmp_path):
+    orm = tiny_orm()
+    # the question asks for 2+3; the label is whether the final line says 5
+    examples = [("2+3=?\n", f"2+3={a}\n#### {a}", float(a == 5)) for a in range(10)] * 8
+    params = FinetuneParams(lr=3e-3, epochs=20, batch_size=16, micro_batch_size=8, max_seq_len=64, seed=0)
+    finetune(orm, orm.tokenizer, examples, params, NullTracker(), metric_prefix="orm", loss_fn=summed_outcome_loss,
+             progress=False)  # fmt: skip
+    prompts, completions = ["2+3=?\n"] * 3, ["2+3=5\n#### 5", "2+3=6\n#### 6", "2+3=1\n#### 1"]
+    right, *wrong = orm.score_prefixes(prompts, completions)
+    assert right > 0.5 > max(wrong)
+    # the reranker interface: K completions per prompt
+    assert orm.score(prompts[:1], [completions]) == [[right, *wrong]]
+    # dense: the lowest score after any step; a one-step prefix "2+3=5\n" is scored as well
+    step_scores = orm.score_prefixes(["2+3=?\n"] * 2, ["2+3=5\n", "2+3=5\n#### 5"])
+    assert orm.min_step_scores(["2+3=?\n"], ["2+3=5\n#### 5"]) == [min(step_scores)]
+
+    orm.save(tmp_path / "orm")
+    again = OutcomeRewardModel.load(tmp_path / "orm", CPU, torch.float32, batch_size=2)
+    assert again.score_prefixes(prompts, completions) == pytest.approx([right, *wrong], abs=1e-6)
