@@ -29,7 +29,7 @@ def compose_experiment(overrides: list[str]) -> ExperimentConfig:
 
 
 def test_every_group_has_the_documented_options():
-    assert options("algo") == ["ei", "none"]
+    assert options("algo") == ["ei", "none", "rcrl"]
     assert options("reward") == ["dense", "orm", "orm_dense", "sparse"]
     assert options("init") == ["pretrained", "sft"]
     assert options("model") == ["13b", "7b", "smollm2_135m", "tiny"]
@@ -86,3 +86,20 @@ def test_cross_field_rules():
         compose_experiment(["model=tiny", "eval.max_new_tokens=384"])
     with pytest.raises(ConfigError, match="eval.k"):
         compose_experiment(["eval.k=0"])
+
+
+def test_orm_and_rcrl_rules():
+    with pytest.raises(ConfigError, match="algo=rcrl cannot use reward=orm_dense"):
+        compose_experiment(["algo=rcrl", "reward=orm_dense"])
+    with pytest.raises(ConfigError, match="algo.threshold"):
+        compose_experiment(["algo=rcrl", "algo.threshold=1.5"])
+    with pytest.raises(ConfigError, match="orm_threshold"):
+        compose_experiment(["algo=ei", "reward=orm", "algo.orm_threshold=-0.1"])
+    with pytest.raises(ConfigError, match="orm.heldout_fraction"):
+        compose_experiment(["orm.heldout_fraction=1"])
+    # the ORM is trained when the reward needs it or for rerank@K only
+    assert compose_experiment(["algo=ei", "reward=orm_dense"]).needs_orm
+    assert compose_experiment(["orm.rerank=true"]).needs_orm
+    assert not compose_experiment(["algo=ei"]).needs_orm
+    cfg = compose_experiment(["algo=rcrl", "algo.ei.rounds=1", "algo.ei.orm_filter=orm_and_correct"])
+    assert cfg.algo.ei.rounds == 1 and cfg.algo.ei.orm_filter == "orm_and_correct"

@@ -109,7 +109,7 @@ def apply_init(ctx: RunContext) -> Callable[[str], str]:
         save_checkpoint(ctx.model, ctx.tokenizer, directory / "model")
         (directory / "stats.json").write_text(json.dumps(stats))
 
-    stage = cached_stage(Path(cfg.cache_dir), "sft", init_stage_inputs(cfg), build_sft, ctx.tracker)
+    stage = cached_stage(Path(cfg.cache_dir), "sft", init_stage_inputs(cfg, ctx.splits.train), build_sft, ctx.tracker)
     checkpoint = stage.path / "model"
     if stage.reused:
         ctx.model, ctx.tokenizer = load_checkpoint(checkpoint, ctx.device, TORCH_DTYPES[cfg.model.dtype])

@@ -19,7 +19,7 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
@@ -28,6 +28,7 @@ from typing import Any
 from filelock import FileLock
 
 from reasoning_rl.config import ExperimentConfig
+from reasoning_rl.tasks import Problem
 from reasoning_rl.tracking import Tracker
 
 log = logging.getLogger(__name__)
@@ -57,11 +58,24 @@ def stage_key(name: str, inputs: Mapping[str, Any]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def init_stage_inputs(cfg: ExperimentConfig) -> dict[str, Any]:
-    """What determines the init policy (the SFT checkpoint): the base model and its training settings, the data,
-    the init and the seed. Every stage built from the init policy includes these."""
+def data_fingerprint(problems: Sequence[Problem]) -> str:
+    """SHA-256 of the problems' ids, questions and reference solutions: stages key on the data itself, so a change
+    that leaves the training set alone (``task.n_test``, the eval settings) still shares the stage."""
+    text = json.dumps([(p.id, p.question, p.reference) for p in problems])
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def init_stage_inputs(cfg: ExperimentConfig, train: Sequence[Problem]) -> dict[str, Any]:
+    """What determines the init policy (the SFT checkpoint): the base model and its training settings, the
+    training problems, the init and the seed. Every stage built from the init policy includes these."""
     model = {k: v for k, v in plain(cfg.model).items() if k != "sample_batch_size"}  # sampling only
-    return {"model": model, "task": cfg.task, "init": cfg.init, "seed": cfg.seed}
+    return {
+        "model": model,
+        "task": cfg.task.name,
+        "train_data": data_fingerprint(train),
+        "init": cfg.init,
+        "seed": cfg.seed,
+    }
 
 
 @dataclass(frozen=True)

@@ -126,7 +126,7 @@ def trained_policy(ctx: RunContext, cfg: EIConfig) -> tuple[PreTrainedModel, Pre
         save_checkpoint(policy.model, policy.tokenizer, directory / "model")
 
     inputs = {
-        **init_stage_inputs(run_cfg),
+        **init_stage_inputs(run_cfg, ctx.splits.train),
         "sample_batch_size": run_cfg.model.sample_batch_size,
         "reward": run_cfg.reward,
         "ei": cfg,

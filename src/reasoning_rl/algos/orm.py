@@ -170,7 +170,11 @@ def load_or_train(ctx: RunContext) -> OutcomeRewardModel:
     samples_stage = cached_stage(
         cache_dir,
         "orm_samples",
-        {**init_stage_inputs(cfg), "sample_batch_size": cfg.model.sample_batch_size, "sampling": sampling_inputs},
+        {
+            **init_stage_inputs(cfg, ctx.splits.train),
+            "sample_batch_size": cfg.model.sample_batch_size,
+            "sampling": sampling_inputs,
+        },
         sample_and_grade,
         ctx.tracker,
     )
@@ -196,7 +200,7 @@ def load_or_train(ctx: RunContext) -> OutcomeRewardModel:
     orm_stage = cached_stage(
         cache_dir,
         "orm",
-        {**init_stage_inputs(cfg), "samples": samples_stage.key, "training": training_inputs},
+        {**init_stage_inputs(cfg, ctx.splits.train), "samples": samples_stage.key, "training": training_inputs},
         train,
         ctx.tracker,
     )
