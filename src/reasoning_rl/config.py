@@ -62,6 +62,11 @@ class ORMFilter(str, Enum):
     orm_and_correct = "orm_and_correct"  # ... by the ORM's score and a correct final answer
 
 
+class KLEstimator(str, Enum):
+    k1 = "k1"  # log p(x) - log q(x): unbiased, can be negative per token (the usual RLHF penalty)
+    k3 = "k3"  # (r - 1) - log r with r = q(x) / p(x): unbiased, never negative, lower variance when p and q are close
+
+
 class LoggerName(str, Enum):
     mlflow = "mlflow"
     none = "none"
@@ -265,6 +270,56 @@ class RCRLConfig(AlgoConfig):
         return ("sparse", "orm")
 
 
+@dataclass
+class PPOConfig(AlgoConfig):
+    """algo=ppo: PPO with a value head and a KL penalty to the initial policy (paper section 4.2); see algos/ppo.py."""
+
+    name: str = "ppo"
+    steps: int = 20  # PPO steps; each samples a rollout batch from the current policy, then updates on it
+    rollout_questions: int = 64  # training questions per step (a seeded shuffle of the training set, cycled)
+    num_samples: int = 4  # solutions sampled per question per step
+    temperature: float = 1.0  # rollout sampling temperature (1 = the policy PPO optimises; others are off-policy)
+    top_p: float = 1.0  # rollout nucleus sampling
+    max_new_tokens: int = 256  # rollout length limit (a sample cut here ends with the reward it has)
+    ppo_epochs: int = 2  # passes over each rollout batch
+    minibatch_size: int | None = None  # sequences per optimizer step; None = model.train_batch_size
+    micro_batch_size: int | None = None  # sequences per forward/backward (gradient accumulation); None = model's
+    lr: float | None = None  # AdamW learning rate (constant), policy and value head; None = model.lr / 10
+    grad_clip: float = 1.0  # max gradient norm
+    kl_coef: float = 0.05  # beta: per-token penalty beta * KL(pi || pi_ref) subtracted from the reward
+    kl_estimator: KLEstimator = KLEstimator.k1  # the per-token KL estimate in the penalty
+    adaptive_kl: bool = False  # adapt beta toward kl_target (Ziegler et al. 2019); false: beta stays kl_coef
+    kl_target: float = 6.0  # adaptive only: target KL(pi || pi_ref) per sequence, in nats
+    kl_horizon: int = 10000  # adaptive only: samples over which beta corrects a deviation (larger = slower)
+    gamma: float = 1.0  # discount
+    lam: float = 0.95  # GAE lambda
+    clip_coef: float = 0.2  # epsilon of the clipped policy ratio
+    vf_coef: float = 0.1  # weight of the value loss in the total loss
+    value_clip: float = 0.2  # how far a value prediction may move from the rollout's before its loss is clipped
+    whiten_rewards: bool = False  # divide the task rewards by their batch std (no mean shift) before the KL penalty
+    whiten_advantages: bool = True  # normalise advantages to mean 0, std 1 over the rollout batch
+    orm_add_correct: bool = False  # reward=orm|orm_dense: also give reward.correct_reward for a correct final answer
+    eval_every: int = 0  # evaluate every this many steps (0 = only after the last step)
+    eval_init: bool = True  # also evaluate the initial policy (step 0)
+
+    def __post_init__(self) -> None:
+        counts = {"steps": self.steps, "rollout_questions": self.rollout_questions, "num_samples": self.num_samples,
+                  "ppo_epochs": self.ppo_epochs, "minibatch_size": self.minibatch_size or 1,
+                  "micro_batch_size": self.micro_batch_size or 1}  # fmt: skip
+        for key, value in counts.items():
+            if value < 1:
+                raise ConfigError(f"algo.{key}={value} must be >= 1.")
+        if not (0 <= self.gamma <= 1 and 0 <= self.lam <= 1):
+            raise ConfigError(f"algo.gamma={self.gamma} and algo.lam={self.lam} must be in [0, 1].")
+        if self.clip_coef <= 0 or self.value_clip <= 0 or self.kl_coef < 0:
+            raise ConfigError("algo.clip_coef and algo.value_clip must be > 0, algo.kl_coef >= 0.")
+        if self.adaptive_kl and (self.kl_target <= 0 or self.kl_horizon < 1):
+            raise ConfigError("algo.adaptive_kl needs algo.kl_target > 0 and algo.kl_horizon >= 1.")
+
+    def supported_rewards(self) -> tuple[str, ...]:
+        return ("sparse", "dense", "orm", "orm_dense")
+
+
 # --------------------------------------------------------------------------------------------- reward
 
 
@@ -377,7 +432,7 @@ def register_configs() -> None:
     cs = ConfigStore.instance()
     cs.store(name="experiment_schema", node=ExperimentConfig)
     options: dict[str, dict[str, Any]] = {
-        "algo": {"none": NoAlgoConfig(), "ei": EIConfig(), "rcrl": RCRLConfig()},
+        "algo": {"none": NoAlgoConfig(), "ei": EIConfig(), "rcrl": RCRLConfig(), "ppo": PPOConfig()},
         "reward": {
             "sparse": RewardConfig(name=RewardName.sparse),
             "dense": RewardConfig(name=RewardName.dense, step_reward=0.2),

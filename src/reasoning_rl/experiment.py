@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from reasoning_rl.algos import ei, orm, rcrl
+from reasoning_rl.algos import ei, orm, ppo, rcrl
 from reasoning_rl.algos.sft import finetune
 from reasoning_rl.config import ExperimentConfig, GSM8KTaskConfig, InitName, ModelSource, SVAMPTaskConfig
 from reasoning_rl.evaluation import EvalResult, write_records
@@ -44,7 +44,12 @@ def run_none(ctx: RunContext) -> None:
 
 # An algorithm trains ctx.model in place. One that evaluates as it goes (EI after every round) returns its last
 # evaluation, so the pipeline does not repeat it; otherwise it returns None and the pipeline evaluates.
-ALGOS: dict[str, Callable[[RunContext], EvalResult | None]] = {"none": run_none, "ei": ei.run, "rcrl": rcrl.run}
+ALGOS: dict[str, Callable[[RunContext], EvalResult | None]] = {
+    "none": run_none,
+    "ei": ei.run,
+    "rcrl": rcrl.run,
+    "ppo": ppo.run,
+}
 
 
 def resolve_paths(cfg: ExperimentConfig, base: Path) -> None:

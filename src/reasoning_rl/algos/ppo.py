@@ -1,0 +1,398 @@
+"""Proximal Policy Optimization with a value head and a KL penalty to the initial policy (Havrilla et al. 2024,
+section 4.2; Schulman et al. 2017; the language-model recipe of Ziegler et al. 2019 and Stiennon et al. 2020).
+
+Step k = 1 .. algo.steps:
+  1. sample algo.num_samples solutions for each of algo.rollout_questions training questions from pi_{k-1}
+  2. score every generated token with the reward (``rewards.py``): sparse, dense, orm or orm_dense
+  3. one no-grad forward pass over the rollouts: old log-probs and values (policy and value head), reference
+     log-probs (the frozen initial policy), entropy
+  4. KL penalty: r_t <- r_t - kl_coef * KL_t, with KL_t the per-token estimate of KL(pi_{k-1} || pi_ref) (k1 or k3)
+  5. advantages and returns with GAE(gamma, lam), advantages whitened over the batch
+  6. algo.ppo_epochs passes over the rollouts in shuffled minibatches of algo.minibatch_size sequences: the clipped
+     policy loss plus vf_coef x the clipped value loss, a token mean over the minibatch, accumulated over
+     micro-batches, then gradient-norm clipping and an AdamW step
+  7. adapt kl_coef toward kl_target (Ziegler et al.'s controller) when algo.adaptive_kl; log train/ppo_* metrics
+  8. evaluate every algo.eval_every steps and after the last step (and the init at step 0)
+
+Choices where the paper is silent (it used trlx's PPO):
+- The value head is a linear layer on the policy's last hidden state (shared trunk), initialised to zero; it is
+  trained with the policy by one optimizer and is not part of the saved or evaluated policy.
+- The loss is a token mean over the whole minibatch (not a mean of per-sequence means), so accumulating micro-batches
+  gives the same update as one large batch.
+- The model stays in eval mode throughout (no dropout), so old and new log-probs agree before the first update.
+- An episode ends at its last generated token (EOS, a stop string or the length limit); nothing is bootstrapped.
+- Log-probs are those of the untempered policy, whatever the rollout temperature (see ``rollout.py``).
+- ``whiten_rewards`` scales the task rewards only, before the KL penalty, so kl_coef keeps its meaning.
+
+    python main.py algo=ppo reward=sparse init=sft model=tiny task=arith
+    python main.py algo=ppo reward=dense init=sft model=tiny task=arith
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import random
+import time
+from collections import defaultdict
+from collections.abc import Iterator, Sequence
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from reasoning_rl.algos.ppo_math import (
+    adaptive_kl_coef,
+    clipped_policy_loss,
+    clipped_value_loss,
+    entropy,
+    explained_variance,
+    gae,
+    kl_estimate,
+    masked_mean,
+    masked_whiten,
+    token_logprobs,
+)
+from reasoning_rl.algos.sft import TokenizedExample, collate
+from reasoning_rl.config import KLEstimator, PPOConfig, RewardName
+from reasoning_rl.evaluation import EvalResult
+from reasoning_rl.prompts import STOP_STRINGS
+from reasoning_rl.rewards import (
+    dense_rewards,
+    orm_dense_rewards,
+    orm_rewards,
+    orm_step_prefixes,
+    sparse_rewards,
+    token_char_ends,
+)
+from reasoning_rl.rollout import Sample, SamplingParams, generate
+from reasoning_rl.run_context import RunContext, evaluate_policy
+from reasoning_rl.tasks import Problem, is_correct
+
+log = logging.getLogger(__name__)
+
+# A rollout batch: tensors keyed by name. Per-sequence-position tensors (N, L): "input_ids", "attention_mask" (prompt
+# + generated tokens, right-padded). Per-generated-token tensors (N, T): "positions" (the sequence position whose
+# output predicts generated token t), "response_ids", "mask", "scores" (task rewards), then "old_logprobs",
+# "ref_logprobs", "old_values", "entropy", "advantages", "returns" as phases 3-5 fill them.
+Batch = dict[str, torch.Tensor]
+SEQUENCE_KEYS = ("input_ids", "attention_mask")
+
+
+# --------------------------------------------------------------------------------------------- plumbing
+
+
+def question_batches(train: Sequence[Problem], size: int, seed: int) -> Iterator[list[Problem]]:
+    """Endless batches of ``size`` training questions: a seeded shuffle, reshuffled at every pass over the data."""
+    rng = random.Random(seed)
+    order: list[int] = []
+    while True:
+        while len(order) < size:
+            order += rng.sample(range(len(train)), len(train))
+        yield [train[i] for i in order[:size]]
+        order = order[size:]
+
+
+def new_value_head(model: PreTrainedModel) -> torch.nn.Linear:
+    """A scalar per position on the policy's last hidden state, zero at the start (V = 0 everywhere)."""
+    head = torch.nn.Linear(model.config.hidden_size, 1, device=model.device, dtype=model.dtype)
+    torch.nn.init.zeros_(head.weight)
+    torch.nn.init.zeros_(head.bias)
+    return head
+
+
+def pack_rollouts(
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[str],
+    samples: Sequence[Sample],
+    scores: Sequence[torch.Tensor],
+) -> Batch:
+    """Prompt + generated tokens per sample (the prompt tokenized as the sampler does), right-padded."""
+    prompt_ids = {p: tokenizer(p)["input_ids"] for p in set(prompts)}
+    examples = [
+        TokenizedExample(prompt_ids[p] + s.token_ids, len(prompt_ids[p])) for p, s in zip(prompts, samples, strict=True)
+    ]
+    batch = collate(examples, tokenizer.pad_token_id)
+    del batch["labels"]
+    num_positions = max(len(s.token_ids) for s in samples)
+    prompt_lens = torch.tensor([ex.prompt_len for ex in examples])  # (N,)
+    positions = prompt_lens[:, None] - 1 + torch.arange(num_positions)[None]  # (N, T)
+    batch["positions"] = positions.clamp(max=batch["input_ids"].shape[1] - 1)
+    batch["response_ids"] = torch.zeros(len(samples), num_positions, dtype=torch.long)  # (N, T)
+    batch["mask"] = torch.zeros(len(samples), num_positions)  # (N, T)
+    batch["scores"] = torch.zeros(len(samples), num_positions)  # (N, T)
+    for row, (sample, score) in enumerate(zip(samples, scores, strict=True)):
+        n = len(sample.token_ids)
+        batch["response_ids"][row, :n] = torch.tensor(sample.token_ids)
+        batch["mask"][row, :n] = 1.0
+        batch["scores"][row, :n] = score
+    return batch
+
+
+def select_rows(batch: Batch, rows: Sequence[int]) -> Batch:
+    """The given sequences, with the padding columns none of them uses cut off."""
+    index = torch.tensor(list(rows))
+    width = int(batch["attention_mask"][index].sum(1).max())
+    num_positions = int(batch["mask"][index].sum(1).max())
+    selected = {k: v[index, :width] if k in SEQUENCE_KEYS else v[index, :num_positions] for k, v in batch.items()}
+    selected["positions"] = selected["positions"].clamp(max=width - 1)  # padding positions point inside the rows
+    return selected
+
+
+def forward(
+    model: PreTrainedModel, value_head: torch.nn.Module | None, mb: Batch
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Logits (B, T, V) at the positions that predict generated tokens, and values (B, T) (None without a head).
+
+    The trunk runs once; the LM head (and value head) only at the positions that predict generated tokens.
+    """
+    device = next(model.parameters()).device
+    hidden = model.base_model(
+        input_ids=mb["input_ids"].to(device), attention_mask=mb["attention_mask"].to(device)
+    ).last_hidden_state  # (B, L, H)
+    index = mb["positions"].to(device)[..., None].expand(-1, -1, hidden.shape[-1])  # (B, T, H)
+    hidden = hidden.gather(1, index)  # (B, T, H)
+    logits = model.get_output_embeddings()(hidden).float()  # (B, T, V)
+    values = value_head(hidden).squeeze(-1).float() if value_head is not None else None  # (B, T)
+    return logits, values
+
+
+# ----------------------------------------------------------------------------------------- phases 2 and 3
+
+
+def score_samples(
+    ctx: RunContext, cfg: PPOConfig, problems: Sequence[Problem], samples: Sequence[Sample]
+) -> tuple[list[torch.Tensor], list[bool]]:
+    """Phase 2: the token-level rewards of each sample (one (T,) tensor each), and whether it is correct."""
+    reward = ctx.cfg.reward
+    correct = [is_correct(s.text, p.answer) for p, s in zip(problems, samples, strict=True)]
+    pairs = list(zip(problems, samples, correct, strict=True))
+    if reward.name == RewardName.sparse:
+        rewards = [sparse_rewards(len(s.token_ids), c, reward.correct_reward) for _, s, c in pairs]
+    elif reward.name == RewardName.dense:
+        rewards = [
+            dense_rewards(
+                p.reference, s.text, token_char_ends(ctx.tokenizer, s.token_ids), c, reward.correct_reward,
+                reward.step_reward,
+            )
+            for p, s, c in pairs
+        ]  # fmt: skip
+    elif reward.name == RewardName.orm:
+        scores = orm_scores(ctx, problems, [[s.text] for s in samples])
+        rewards = [orm_rewards(len(s.token_ids), xs[0]) for s, xs in zip(samples, scores, strict=True)]
+    else:  # orm_dense
+        scores = orm_scores(ctx, problems, [orm_step_prefixes(s.text) for s in samples])
+        rewards = [
+            orm_dense_rewards(s.text, token_char_ends(ctx.tokenizer, s.token_ids), xs)
+            for s, xs in zip(samples, scores, strict=True)
+        ]
+    if reward.name in (RewardName.orm, RewardName.orm_dense) and cfg.orm_add_correct:  # the ORM's + the ground truth's
+        rewards = [r + sparse_rewards(len(r), c, reward.correct_reward) for r, c in zip(rewards, correct, strict=True)]
+    return rewards, correct
+
+
+def orm_scores(ctx: RunContext, problems: Sequence[Problem], prefixes: Sequence[Sequence[str]]) -> list[list[float]]:
+    """The ORM's P(correct) after each of a sample's prefixes, grouped like ``prefixes``, in one batched call."""
+    assert ctx.orm is not None  # the pipeline loads it for reward=orm|orm_dense
+    orm_prompt = ctx.orm_prompt or ctx.build_prompt
+    flat = iter(
+        ctx.orm.score_prefixes(
+            [orm_prompt(p.question) for p, group in zip(problems, prefixes, strict=True) for _ in group],
+            [prefix for group in prefixes for prefix in group],
+        )
+    )
+    return [[next(flat) for _ in group] for group in prefixes]
+
+
+@torch.no_grad()
+def evaluate_rollouts(
+    model: PreTrainedModel, value_head: torch.nn.Module, ref_model: PreTrainedModel, batch: Batch, micro_batch_size: int
+) -> None:
+    """Phase 3: fill old_logprobs, old_values, entropy (policy) and ref_logprobs (reference) in ``batch``."""
+    shape = batch["mask"].shape
+    for key in ("old_logprobs", "old_values", "entropy", "ref_logprobs"):
+        batch[key] = torch.zeros(shape)  # (N, T)
+    for start in range(0, shape[0], micro_batch_size):
+        rows = list(range(start, min(start + micro_batch_size, shape[0])))
+        mb = select_rows(batch, rows)
+        n = mb["mask"].shape[1]
+        response_ids = mb["response_ids"].to(next(model.parameters()).device)
+        logits, values = forward(model, value_head, mb)  # (B, n, V), (B, n)
+        batch["old_logprobs"][rows, :n] = token_logprobs(logits, response_ids).cpu()
+        batch["old_values"][rows, :n] = values.cpu()
+        batch["entropy"][rows, :n] = entropy(logits).cpu()
+        ref_logits, _ = forward(ref_model, None, mb)
+        batch["ref_logprobs"][rows, :n] = token_logprobs(ref_logits, response_ids).cpu()
+    for key in ("old_logprobs", "old_values", "entropy", "ref_logprobs"):
+        batch[key] *= batch["mask"]
+
+
+# ------------------------------------------------------------------------------------------------ phase 6
+
+
+def accumulate_gradients(
+    model: PreTrainedModel, value_head: torch.nn.Module, mb_batch: Batch, micro_batch_size: int, cfg: PPOConfig
+) -> dict[str, float]:
+    """Backward of one minibatch's loss, micro-batch by micro-batch; returns its token-mean statistics.
+
+    Every micro-batch's summed token losses are divided by the whole minibatch's token count, so the accumulated
+    gradient is that of the minibatch's token-mean loss whatever the micro-batch size.
+    """
+    num_tokens = float(mb_batch["mask"].sum())
+    totals: dict[str, float] = defaultdict(float)
+    num_rows = mb_batch["mask"].shape[0]
+    for start in range(0, num_rows, micro_batch_size):
+        mb = select_rows(mb_batch, range(start, min(start + micro_batch_size, num_rows)))
+        device = next(model.parameters()).device
+        mb = {k: v.to(device) for k, v in mb.items()}
+        logits, values = forward(model, value_head, mb)  # (B, T, V), (B, T)
+        logprobs = token_logprobs(logits, mb["response_ids"])  # (B, T)
+        mask = mb["mask"]  # (B, T)
+        policy_loss = clipped_policy_loss(logprobs, mb["old_logprobs"], mb["advantages"], cfg.clip_coef)  # (B, T)
+        value_loss = clipped_value_loss(values, mb["old_values"], mb["returns"], cfg.value_clip)  # (B, T)
+        loss = ((policy_loss + cfg.vf_coef * value_loss) * mask).sum() / num_tokens
+        loss.backward()
+        with torch.no_grad():
+            ratio = torch.exp(logprobs - mb["old_logprobs"])  # (B, T)
+            value_moved = (values - mb["old_values"]).abs() > cfg.value_clip  # (B, T)
+            for name, per_token in (
+                ("policy_loss", policy_loss),
+                ("value_loss", value_loss),
+                ("clip_fraction", ((ratio - 1).abs() > cfg.clip_coef).float()),
+                ("value_clip_fraction", value_moved.float()),
+                ("approx_kl", kl_estimate(mb["old_logprobs"], logprobs, KLEstimator.k3)),  # KL(pi_old || pi)
+            ):
+                totals[name] += float((per_token * mask).sum()) / num_tokens
+    return dict(totals)
+
+
+def ppo_update(
+    model: PreTrainedModel,
+    value_head: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    batch: Batch,
+    cfg: PPOConfig,
+    *,
+    minibatch_size: int,
+    micro_batch_size: int,
+    generator: torch.Generator,
+) -> dict[str, float]:
+    """Phase 6: ``cfg.ppo_epochs`` shuffled passes of minibatch updates; the statistics averaged over minibatches."""
+    params = [*model.parameters(), *value_head.parameters()]
+    stats: dict[str, list[float]] = defaultdict(list)
+    num_rows = batch["mask"].shape[0]
+    for _ in range(cfg.ppo_epochs):
+        order = torch.randperm(num_rows, generator=generator).tolist()
+        for start in range(0, num_rows, minibatch_size):
+            mb_batch = select_rows(batch, order[start : start + minibatch_size])
+            for name, value in accumulate_gradients(model, value_head, mb_batch, micro_batch_size, cfg).items():
+                stats[name].append(value)
+            stats["grad_norm"].append(float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)))
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+    return {name: sum(values) / len(values) for name, values in stats.items()}
+
+
+# --------------------------------------------------------------------------------------------------- loop
+
+
+def run(ctx: RunContext) -> EvalResult:
+    """algo=ppo: train ctx.model in place; returns the evaluation after the last step."""
+    cfg: PPOConfig = ctx.cfg.algo  # type: ignore[assignment]
+    seed = ctx.cfg.seed
+    model, tokenizer = ctx.model, ctx.tokenizer
+    minibatch_size = cfg.minibatch_size or ctx.cfg.model.train_batch_size
+    micro_batch_size = cfg.micro_batch_size or ctx.cfg.model.micro_batch_size
+    ref_model = copy.deepcopy(model).eval().requires_grad_(False)  # pi_ref: the initial policy, frozen
+    model.eval()  # no dropout: see the module docstring
+    torch.manual_seed(seed)
+    value_head = new_value_head(model)
+    lr = cfg.lr if cfg.lr is not None else ctx.cfg.model.lr / 10
+    optimizer = torch.optim.AdamW([*model.parameters(), *value_head.parameters()], lr=lr, weight_decay=0.0)
+    generator = torch.Generator().manual_seed(seed)  # minibatch order
+    sampling = SamplingParams(cfg.temperature, cfg.top_p, cfg.max_new_tokens, STOP_STRINGS)
+    batches = question_batches(ctx.splits.train, cfg.rollout_questions, seed)
+    kl_coef = cfg.kl_coef
+    samples_drawn = 0
+    result = evaluate_policy(ctx, step=0) if cfg.eval_init else None
+
+    for step in range(1, cfg.steps + 1):
+        started = time.perf_counter()
+        # 1. sample K solutions per question from the current policy
+        questions = next(batches)
+        grouped = generate(
+            model,
+            tokenizer,
+            [ctx.build_prompt(p.question) for p in questions],
+            sampling,
+            num_samples=cfg.num_samples,
+            seed=seed + 1000 * step + 1,
+            batch_size=ctx.cfg.model.sample_batch_size,
+            progress=f"PPO step {step}: sample",
+        )
+        problems = [p for p, group in zip(questions, grouped, strict=True) for _ in group]
+        samples = [s for group in grouped for s in group]
+        samples_drawn += len(samples)
+        sampled = time.perf_counter()
+
+        # 2. token-level rewards
+        scores, correct = score_samples(ctx, cfg, problems, samples)
+        batch = pack_rollouts(tokenizer, [ctx.build_prompt(p.question) for p in problems], samples, scores)
+        mask = batch["mask"]  # (N, T)
+        task_rewards = masked_whiten(batch["scores"], mask, shift_mean=False) if cfg.whiten_rewards else batch["scores"]
+
+        # 3. old log-probs, values and reference log-probs
+        evaluate_rollouts(model, value_head, ref_model, batch, micro_batch_size)
+
+        # 4. KL penalty to the reference policy, at every token
+        kl = kl_estimate(batch["old_logprobs"], batch["ref_logprobs"], cfg.kl_estimator) * mask  # (N, T)
+        rewards = task_rewards - kl_coef * kl  # (N, T)
+
+        # 5. GAE advantages and returns
+        advantages, batch["returns"] = gae(rewards, batch["old_values"], mask, cfg.gamma, cfg.lam)  # (N, T)
+        batch["advantages"] = masked_whiten(advantages, mask) if cfg.whiten_advantages else advantages
+
+        # 6. PPO epochs of clipped minibatch updates
+        stats = ppo_update(
+            model,
+            value_head,
+            optimizer,
+            batch,
+            cfg,
+            minibatch_size=minibatch_size,
+            micro_batch_size=micro_batch_size,
+            generator=generator,
+        )
+
+        # 7. adapt the KL coefficient, log
+        sequence_kl = float(kl.sum(1).mean())  # KL(pi || pi_ref) per sequence, estimated on the rollouts
+        metrics = {
+            "train/ppo_reward_mean": float(batch["scores"].sum(1).mean()),
+            "train/ppo_total_reward_mean": float(rewards.sum(1).mean()),
+            "train/ppo_fraction_correct": sum(correct) / len(correct),
+            "train/ppo_kl": sequence_kl,
+            "train/ppo_kl_coef": kl_coef,
+            "train/ppo_entropy": float(masked_mean(batch["entropy"], mask)),
+            "train/ppo_explained_variance": explained_variance(batch["old_values"], batch["returns"], mask),
+            "train/ppo_response_length": float(mask.sum(1).mean()),
+            "train/ppo_samples_drawn": samples_drawn,
+            **{f"train/ppo_{name}": value for name, value in stats.items()},
+            "perf/ppo_sample_seconds": sampled - started,
+            "perf/ppo_step_seconds": time.perf_counter() - started,
+        }
+        ctx.tracker.log_metrics(metrics, step=step)
+        log.info(
+            "PPO step %d: reward %.3f, correct %.3f, KL %.3f, entropy %.3f",
+            step,
+            metrics["train/ppo_reward_mean"],
+            metrics["train/ppo_fraction_correct"],
+            sequence_kl,
+            metrics["train/ppo_entropy"],
+        )
+        if cfg.adaptive_kl:
+            kl_coef = adaptive_kl_coef(kl_coef, sequence_kl, cfg.kl_target, cfg.kl_horizon, len(samples))
+
+        # 8. evaluate
+        if step == cfg.steps or (cfg.eval_every and step % cfg.eval_every == 0):
+            result = evaluate_policy(ctx, step=step)
+    assert result is not None
+    return result
