@@ -4,9 +4,15 @@ through the real CLI at the tiny scale: sparse PPO beats its SFT init; dense and
 from __future__ import annotations
 
 import copy
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
+from hydra import compose, initialize_config_dir
+from hydra.errors import ConfigCompositionException
 
 from reasoning_rl.algos.ppo import (
     accumulate_gradients,
@@ -17,7 +23,7 @@ from reasoning_rl.algos.ppo import (
     question_batches,
 )
 from reasoning_rl.algos.ppo_math import gae, masked_whiten
-from reasoning_rl.config import ModelConfig, ModelSource, PPOConfig
+from reasoning_rl.config import ConfigError, ModelConfig, ModelSource, PPOConfig, register_configs, to_experiment
 from reasoning_rl.models import build_tiny_model, build_tiny_tokenizer
 from reasoning_rl.rewards import sparse_rewards
 from reasoning_rl.rollout import Sample, SamplingParams, generate
@@ -65,6 +71,30 @@ def hand_made_batch(model, tokenizer, micro_batch_size: int = 2):
     advantages, batch["returns"] = gae(batch["scores"], batch["old_values"], batch["mask"], gamma=1.0, lam=0.95)
     batch["advantages"] = masked_whiten(advantages, batch["mask"])
     return batch, value_head
+
+
+# -------------------------------------------------------------------------------------------------- config
+
+
+def compose_experiment(overrides: list[str]):
+    register_configs()
+    with initialize_config_dir(config_dir=str(Path(__file__).resolve().parents[1] / "conf"), version_base="1.3"):
+        return to_experiment(compose(config_name="config", overrides=overrides))
+
+
+def test_ppo_config_composes_with_every_reward_and_rejects_bad_settings():
+    for reward in ("sparse", "dense", "orm", "orm_dense"):
+        cfg = compose_experiment(["algo=ppo", f"reward={reward}", "model=tiny"])
+        assert cfg.algo.name == "ppo" and cfg.needs_orm == reward.startswith("orm")
+    assert compose_experiment(["algo=ppo", "reward=dense"]).reward.step_reward == 0.2
+    with pytest.raises(ConfigError, match="algo.ppo_epochs=0 must be >= 1"):
+        compose_experiment(["algo=ppo", "algo.ppo_epochs=0"])
+    with pytest.raises(ConfigError, match="algo.gamma=1.5"):
+        compose_experiment(["algo=ppo", "algo.gamma=1.5"])
+    with pytest.raises(ConfigError, match="algo.max_new_tokens=400 leaves no room"):
+        compose_experiment(["algo=ppo", "model=tiny", "algo.max_new_tokens=400"])  # tiny: max_seq_len 384
+    with pytest.raises(ConfigCompositionException, match="k2"):
+        compose_experiment(["algo=ppo", "algo.kl_estimator=k2"])  # k1 | k3
 
 
 # ------------------------------------------------------------------------------------------------ plumbing
@@ -133,3 +163,109 @@ def test_gradient_accumulation_matches_one_big_micro_batch(model, tokenizer):
         torch.testing.assert_close(accumulated, one, rtol=1e-4, atol=1e-6)
     moved = max((a - b).abs().max().item() for a, b in zip(updated[0], model.parameters(), strict=False))
     assert moved > 1e-4  # and the update did something
+
+
+# ----------------------------------------------------------------------------------- end to end, real CLI
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# One-operation problems with small numbers, as in test_end_to_end.py: 300 SFT steps give maj@1 ~0.6. Every run below
+# shares that SFT init through the stage cache.
+SFT = [
+    "model=tiny", "task=arith", "task.min_steps=1", "task.max_steps=1", "task.max_number=9", "task.n_train=2000",
+    "init=sft", "init.max_steps=300", "eval.max_new_tokens=48", "algo=ppo", "algo.max_new_tokens=48", "seed=0",
+]  # fmt: skip
+# Sparse PPO, calibrated on seeds 0, 1 and 2 (see the closing note of issue 4): 24 steps of 64 questions x 4 samples
+# at lr 1e-4, one epoch of minibatches of 64. PPO is slow at this scale: 12 steps, or 24 steps of 32 questions,
+# raised the training reward but not held-out maj@1 on every seed.
+PPO_STEPS = 24
+QUESTIONS = 64
+SPARSE_PPO = [
+    *SFT, "task.n_test=200", "eval.k=4", f"algo.steps={PPO_STEPS}", f"algo.rollout_questions={QUESTIONS}",
+    "algo.num_samples=4", "algo.lr=1e-4", "algo.ppo_epochs=1", f"algo.minibatch_size={QUESTIONS}",
+]  # fmt: skip
+REWARD_MARGIN = 0.03  # training fraction correct: mean of the last quarter of steps over the first quarter
+MAJ1_MARGIN = 0.03  # held-out maj@1 (200 problems) after the last step over the init's
+
+
+def run_main(overrides: list[str], tmp: Path, cache: Path, *, multirun: bool = False) -> None:
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp / 'mlflow.db'}", "HF_HUB_OFFLINE": "1"}
+    where = f"hydra.sweep.dir={tmp / 'multirun'}" if multirun else f"hydra.run.dir={tmp / 'run'}"
+    command = [sys.executable, str(ROOT / "main.py"), *(["-m"] if multirun else []), *overrides, where]
+    result = subprocess.run(
+        [*command, f"cache_dir={cache}"], cwd=ROOT, capture_output=True, text=True, timeout=1200, env=env
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+
+
+def runs_of(tmp: Path):
+    import mlflow
+
+    client = mlflow.tracking.MlflowClient(tracking_uri=f"sqlite:///{tmp / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("reasoning-rl").experiment_id])
+    assert runs and all(r.info.status == "FINISHED" for r in runs)
+    return client, runs
+
+
+def history(client, run, name: str) -> dict[int, float]:
+    return {m.step: m.value for m in client.get_metric_history(run.info.run_id, name)}
+
+
+PER_STEP_METRICS = [
+    "train/ppo_reward_mean", "train/ppo_fraction_correct", "train/ppo_kl", "train/ppo_entropy",
+    "train/ppo_policy_loss", "train/ppo_value_loss", "train/ppo_clip_fraction", "train/ppo_approx_kl",
+    "train/ppo_explained_variance", "train/ppo_response_length", "train/ppo_samples_drawn", "perf/ppo_step_seconds",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("ppo_cache")  # the SFT stage computed by the first run is reused by the others
+
+
+@pytest.mark.slow
+def test_sparse_ppo_raises_training_reward_and_maj1_over_its_sft_init(tmp_path, cache):
+    run_main(SPARSE_PPO, tmp_path, cache)
+    client, (run,) = runs_of(tmp_path)
+    correct = history(client, run, "train/ppo_fraction_correct")
+    maj1 = history(client, run, "eval/maj_at_1")
+    quarter = PPO_STEPS // 4
+    first = sum(correct[s] for s in range(1, quarter + 1)) / quarter
+    last = sum(correct[s] for s in range(PPO_STEPS - quarter + 1, PPO_STEPS + 1)) / quarter
+    print(f"fraction correct: first quarter {first:.3f}, last quarter {last:.3f}; maj@1 {maj1}")
+    assert sorted(maj1) == [0, PPO_STEPS]  # the init and the end (eval_every=0)
+    assert last >= first + REWARD_MARGIN
+    assert maj1[PPO_STEPS] >= maj1[0] + MAJ1_MARGIN
+    for name in PER_STEP_METRICS:  # every step logs every metric
+        assert sorted(history(client, run, name)) == list(range(1, PPO_STEPS + 1)), name
+    assert history(client, run, "train/ppo_samples_drawn")[PPO_STEPS] == PPO_STEPS * QUESTIONS * 4
+
+
+@pytest.mark.slow
+def test_dense_and_orm_rewards_run_to_the_end_and_log(tmp_path, cache):
+    """reward=dense, orm and orm_dense in one multirun (one process): a few small steps each, from the same SFT init;
+    the ORM is trained once (small) and shared by the two ORM runs."""
+    overrides = [
+        *SFT, "reward=dense,orm,orm_dense", "task.n_test=20", "eval.k=2", "algo.steps=2", "algo.eval_every=1",
+        "algo.rollout_questions=8", "algo.num_samples=2", "algo.lr=1e-4", "orm.n_questions=100",
+        "orm.max_new_tokens=48",
+    ]  # fmt: skip
+    run_main(overrides, tmp_path, cache, multirun=True)
+    client, runs = runs_of(tmp_path)
+    by_reward = {run.data.tags["reward"]: run for run in runs}
+    assert sorted(by_reward) == ["dense", "orm", "orm_dense"]
+    for reward, run in by_reward.items():
+        for name in PER_STEP_METRICS:
+            assert sorted(history(client, run, name)) == [1, 2], (reward, name)
+        assert sorted(history(client, run, "eval/maj_at_1")) == [0, 1, 2]
+        assert 0 <= run.data.metrics["train/ppo_fraction_correct"] <= 1
+    # dense rewards the matched steps on top of the correct answers; an ORM score is a probability per solution
+    # (orm) or per step (orm_dense), so the mean reward is at most 1, resp. the number of steps (2 for arith's
+    # one-operation solutions, "a+b=<<a+b=c>>c" and "#### c"; 3 allows for a stray extra line)
+    dense = history(client, by_reward["dense"], "train/ppo_reward_mean")
+    dense_correct = history(client, by_reward["dense"], "train/ppo_fraction_correct")
+    assert all(dense[s] >= dense_correct[s] for s in dense)
+    assert all(0 < v <= 1 for v in history(client, by_reward["orm"], "train/ppo_reward_mean").values())
+    assert all(0 < v <= 3 for v in history(client, by_reward["orm_dense"], "train/ppo_reward_mean").values())
+    assert "eval/rerank_at_k" in by_reward["orm"].data.metrics  # an ORM exists, so the evaluation reranks
+    assert "eval/rerank_at_k" not in by_reward["dense"].data.metrics

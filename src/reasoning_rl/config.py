@@ -284,7 +284,9 @@ class PPOConfig(AlgoConfig):
     ppo_epochs: int = 2  # passes over each rollout batch
     minibatch_size: int | None = None  # sequences per optimizer step; None = model.train_batch_size
     micro_batch_size: int | None = None  # sequences per forward/backward (gradient accumulation); None = model's
-    lr: float | None = None  # AdamW learning rate (constant), policy and value head; None = model.lr / 10
+    lr: float | None = None  # AdamW learning rate of the policy (constant); None = model.lr / 10
+    value_lr: float | None = None  # AdamW learning rate of the value head (a fresh layer learns faster); None = lr
+    warmup_updates: int = 0  # optimizer steps of linear learning-rate warm-up (Adam's first steps are sign-like)
     grad_clip: float = 1.0  # max gradient norm
     kl_coef: float = 0.05  # beta: per-token penalty beta * KL(pi || pi_ref) subtracted from the reward
     kl_estimator: KLEstimator = KLEstimator.k1  # the per-token KL estimate in the penalty

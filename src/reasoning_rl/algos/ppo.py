@@ -16,7 +16,8 @@ Step k = 1 .. algo.steps:
 
 Choices where the paper is silent (it used trlx's PPO):
 - The value head is a linear layer on the policy's last hidden state (shared trunk), initialised to zero; it is
-  trained with the policy by one optimizer and is not part of the saved or evaluated policy.
+  trained with the policy by one AdamW optimizer (its own learning rate, algo.value_lr) and is not part of the
+  saved or evaluated policy. The learning rate is constant after algo.warmup_updates steps of linear warm-up.
 - The loss is a token mean over the whole minibatch (not a mean of per-sequence means), so accumulating micro-batches
   gives the same update as one large batch.
 - The model stays in eval mode throughout (no dropout), so old and new log-probs agree before the first update.
@@ -275,6 +276,7 @@ def ppo_update(
     minibatch_size: int,
     micro_batch_size: int,
     generator: torch.Generator,
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
 ) -> dict[str, float]:
     """Phase 6: ``cfg.ppo_epochs`` shuffled passes of minibatch updates; the statistics averaged over minibatches."""
     params = [*model.parameters(), *value_head.parameters()]
@@ -289,6 +291,8 @@ def ppo_update(
             stats["grad_norm"].append(float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)))
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+            if scheduler is not None:
+                scheduler.step()
     return {name: sum(values) / len(values) for name, values in stats.items()}
 
 
@@ -304,10 +308,16 @@ def run(ctx: RunContext) -> EvalResult:
     micro_batch_size = cfg.micro_batch_size or ctx.cfg.model.micro_batch_size
     ref_model = copy.deepcopy(model).eval().requires_grad_(False)  # pi_ref: the initial policy, frozen
     model.eval()  # no dropout: see the module docstring
-    torch.manual_seed(seed)
     value_head = new_value_head(model)
     lr = cfg.lr if cfg.lr is not None else ctx.cfg.model.lr / 10
-    optimizer = torch.optim.AdamW([*model.parameters(), *value_head.parameters()], lr=lr, weight_decay=0.0)
+    optimizer = torch.optim.AdamW(
+        [{"params": model.parameters()}, {"params": value_head.parameters(), "lr": cfg.value_lr or lr}],
+        lr=lr,
+        weight_decay=0.0,
+    )
+    warmup = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda update: min(1.0, (update + 1) / (cfg.warmup_updates + 1))
+    )
     generator = torch.Generator().manual_seed(seed)  # minibatch order
     sampling = SamplingParams(cfg.temperature, cfg.top_p, cfg.max_new_tokens, STOP_STRINGS)
     batches = question_batches(ctx.splits.train, cfg.rollout_questions, seed)
@@ -361,6 +371,7 @@ def run(ctx: RunContext) -> EvalResult:
             minibatch_size=minibatch_size,
             micro_batch_size=micro_batch_size,
             generator=generator,
+            scheduler=warmup,
         )
 
         # 7. adapt the KL coefficient, log
