@@ -175,9 +175,10 @@ SFT = [
     "model=tiny", "task=arith", "task.min_steps=1", "task.max_steps=1", "task.max_number=9", "task.n_train=2000",
     "init=sft", "init.max_steps=300", "eval.max_new_tokens=48", "algo=ppo", "algo.max_new_tokens=48", "seed=0",
 ]  # fmt: skip
-# Sparse PPO, calibrated on seeds 0, 1 and 2 (see the closing note of issue 4): 24 steps of 64 questions x 4 samples
-# at lr 1e-4, one epoch of minibatches of 64. PPO is slow at this scale: 12 steps, or 24 steps of 32 questions,
-# raised the training reward but not held-out maj@1 on every seed.
+# Sparse PPO, calibrated on seeds 0, 1 and 2: 24 steps of 64 questions x 4 samples at lr 1e-4, one epoch of
+# minibatches of 64. Training fraction correct, first -> last quarter of steps: 0.451 -> 0.512, 0.518 -> 0.633,
+# 0.339 -> 0.395; maj@1 on 200 test problems: 0.600 -> 0.660, 0.655 -> 0.740, 0.480 -> 0.535. PPO is slow at this
+# scale: after 12 such steps maj@1 had risen by only 0.015 on seed 0, and 24 steps of 32 questions lowered it on seed 1.
 PPO_STEPS = 24
 QUESTIONS = 64
 SPARSE_PPO = [

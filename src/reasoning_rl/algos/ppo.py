@@ -27,6 +27,9 @@ Choices where the paper is silent (it used trlx's PPO):
 
     python main.py algo=ppo reward=sparse init=sft model=tiny task=arith
     python main.py algo=ppo reward=dense init=sft model=tiny task=arith
+
+At the tiny scale the defaults move the policy too fast (lr = model.lr / 10 = 3e-4, 2 epochs of minibatches of 16);
+tests/test_ppo.py uses what was calibrated there: algo.lr=1e-4 algo.ppo_epochs=1 algo.minibatch_size=64.
 """
 
 from __future__ import annotations
