@@ -14,8 +14,10 @@ from pathlib import Path
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
+from reasoning_rl.checkpointing import Checkpointer, ResumedTracker, RunDirectory, run_key
 from reasoning_rl.config import ConfigError, ExperimentConfig, LoggerName, to_experiment
 from reasoning_rl.models import ModelLoadError
+from reasoning_rl.sweep import job_sweep_tags
 from reasoning_rl.tasks import TaskDataError
 from reasoning_rl.tracking import MLflowTracker, NullTracker, Tracker, default_tracking_uri, flatten
 
@@ -42,17 +44,48 @@ def run_tags(cfg: ExperimentConfig) -> dict[str, str]:
     }
 
 
-def open_tracker(cfg: ExperimentConfig, project_root: Path) -> Tracker:
+def tracking_uri(cfg: ExperimentConfig, project_root: Path) -> str | None:
     if cfg.logger.name == LoggerName.none:
+        return None
+    return cfg.logger.tracking_uri or default_tracking_uri(project_root)
+
+
+def open_tracker(cfg: ExperimentConfig, project_root: Path, run_id: str | None = None) -> Tracker:
+    """A new run, or the run ``run_id`` reopened (a resumed job)."""
+    uri = tracking_uri(cfg, project_root)
+    if uri is None:
         return NullTracker()
     tags = run_tags(cfg)
     run_name = cfg.logger.run_name or "-".join(tags[k] for k in ("algo", "reward", "init", "model", "task"))
-    uri = cfg.logger.tracking_uri or default_tracking_uri(project_root)
-    return MLflowTracker(uri, cfg.logger.experiment, run_name, tags)
+    # In a multirun: the sweep's parent run, and this job's value on each of the sweep's axes (sweep.py).
+    parent_run_id, sweep_tags = job_sweep_tags(HydraConfig.get(), uri) if HydraConfig.initialized() else (None, {})
+    try:
+        return MLflowTracker(
+            uri, cfg.logger.experiment, run_name, {**tags, **sweep_tags}, run_id=run_id, parent_run_id=parent_run_id
+        )
+    except Exception as error:  # mlflow's own exception type: the run to resume is gone from this store
+        if run_id is None:
+            raise
+        raise ConfigError(
+            f"cannot reopen MLflow run {run_id} to resume it in {uri}: {error}. Run with resume=false to start "
+            "this config afresh."
+        ) from None
+
+
+def report_finished(state: dict, uri: str | None) -> float:
+    """A finished run is not recomputed: say where its results are, and return its maj@1 as a new run would."""
+    metrics = state.get("metrics", {})
+    print(
+        f"\nAlready done: this config finished as run {state.get('run_id')} (maj@1 = "
+        f"{metrics.get('eval/maj_at_1', float('nan')):.4f}); nothing was recomputed.\n"
+        + (f"  mlflow ui --backend-store-uri {uri}\n" if uri else "")
+        + f"Outputs (samples): {state.get('output_dir')}\nTo run it again from scratch: resume=false\n"
+    )
+    return metrics.get("eval/maj_at_1", float("nan"))
 
 
 def run_job(raw_cfg: DictConfig, project_root: Path) -> float:
-    from reasoning_rl.experiment import run_experiment  # heavy imports (torch, transformers) after validation
+    from reasoning_rl.experiment import resolve_paths  # heavy imports (torch, transformers) after validation
 
     try:
         cfg = to_experiment(raw_cfg)
@@ -60,23 +93,66 @@ def run_job(raw_cfg: DictConfig, project_root: Path) -> float:
         fail(str(error))
     hydra_cfg = HydraConfig.get()
     output_dir = Path(hydra_cfg.runtime.output_dir)
-    tracker = open_tracker(cfg, project_root)
+    base_dir = Path(hydra_cfg.runtime.cwd)
+    resolve_paths(cfg, base_dir)
+    uri = tracking_uri(cfg, project_root)
+
+    # The run is keyed by its config (checkpointing.py): a finished one is reported, an unfinished one resumed.
+    try:
+        run_dir = RunDirectory(Path(cfg.cache_dir), run_key(cfg, uri))
+    except OSError as error:  # not writable, or the same config is running in another process
+        fail(str(error))
+    try:
+        return run_in(run_dir, cfg, raw_cfg, project_root, uri, output_dir)
+    finally:
+        run_dir.release()  # a multirun runs its next job in this process
+
+
+def run_in(
+    run_dir: RunDirectory,
+    cfg: ExperimentConfig,
+    raw_cfg: DictConfig,
+    project_root: Path,
+    uri: str | None,
+    output_dir: Path,
+) -> float:
+    """Run (or resume, or report) the job whose state lives in ``run_dir``."""
+    from reasoning_rl.experiment import run_experiment
+
+    hydra_cfg = HydraConfig.get()
+    state = run_dir.state
+    resuming = cfg.resume and "finished" in state
+    if resuming and state["finished"]:
+        return report_finished(state, uri)
+    try:
+        tracker = open_tracker(cfg, project_root, run_id=state.get("run_id") if resuming else None)
+    except ConfigError as error:
+        fail(str(error))
+    main_tracker = tracker
+    run_dir.start(tracker.run_id, fresh=not resuming)
+    if resuming and uri is not None:
+        tracker = ResumedTracker(tracker, uri)
+        tracker.set_tags({"resumed": f"after step {state.get('step', 0)} ({state.get('checkpoint') or 'the start'})"})
+    checkpoints = Checkpointer(run_dir.path, cfg.checkpoint_every, restore=resuming)
     tracker.log_params(flatten(OmegaConf.to_container(raw_cfg, resolve=True, enum_to_str=True)))
     tracker.log_text(OmegaConf.to_yaml(raw_cfg, resolve=True), "config/config.yaml")
     tracker.log_text("\n".join(hydra_cfg.overrides.task) + "\n", "config/overrides.txt")
     try:
-        metrics = run_experiment(cfg, tracker, base_dir=Path(hydra_cfg.runtime.cwd), output_dir=output_dir)
+        metrics = run_experiment(
+            cfg, tracker, base_dir=Path(hydra_cfg.runtime.cwd), output_dir=output_dir, checkpoints=checkpoints
+        )
     except USER_ERRORS as error:
         tracker.finish(status="FAILED")
         fail(str(error))
     except BaseException:
         tracker.finish(status="FAILED")
         raise
+    run_dir.finish(metrics, output_dir)
     tracker.finish()
-    if isinstance(tracker, MLflowTracker):
+    if isinstance(main_tracker, MLflowTracker):
         print(
-            f"\nDone. Run {tracker.run_id} in experiment '{cfg.logger.experiment}'. Browse it with:\n"
-            f"  mlflow ui --backend-store-uri {tracker.tracking_uri}\n"
+            f"\nDone. Run {main_tracker.run_id} in experiment '{cfg.logger.experiment}'. Browse it with:\n"
+            f"  mlflow ui --backend-store-uri {main_tracker.tracking_uri}\n"
             f"Outputs (checkpoints, samples): {output_dir}\n"
         )
     return metrics["eval/maj_at_1"]

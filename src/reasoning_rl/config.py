@@ -406,12 +406,16 @@ class ExperimentConfig:
     seed: int = 0  # every random choice (sampling, init of the tiny model, data order) derives from it
     device: Device = Device.auto  # where to train and sample
     cache_dir: str = ".cache"  # shared stages (converted models, later SFT checkpoints and ORMs)
+    resume: bool = True  # rerunning the same config continues its interrupted run, or reports its finished one
+    checkpoint_every: int = 5  # PPO steps between checkpoints (EI checkpoints after every round); 0 = only the last
 
     @property
     def needs_orm(self) -> bool:
         return self.reward.name in (RewardName.orm, RewardName.orm_dense) or self.orm.rerank
 
     def __post_init__(self) -> None:
+        if self.checkpoint_every < 0:
+            raise ConfigError(f"checkpoint_every={self.checkpoint_every} must be >= 0 (0: checkpoint at the end only).")
         for key, max_new_tokens in (
             ("eval", self.eval.max_new_tokens),
             ("algo", getattr(self.algo, "max_new_tokens", 0)),

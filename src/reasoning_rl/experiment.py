@@ -24,6 +24,7 @@ import torch
 
 from reasoning_rl.algos import ei, orm, ppo, rcrl
 from reasoning_rl.algos.sft import finetune
+from reasoning_rl.checkpointing import Checkpointer
 from reasoning_rl.config import ExperimentConfig, GSM8KTaskConfig, InitName, ModelSource, SVAMPTaskConfig
 from reasoning_rl.evaluation import EvalResult, write_records
 from reasoning_rl.models import TORCH_DTYPES, load_checkpoint, load_policy, resolve_device, save_checkpoint
@@ -131,7 +132,14 @@ def log_checkpoint(tracker: Tracker, checkpoint: Path, name: str) -> None:
         tracker.log_artifact(checkpoint, artifact_path=f"checkpoints/{name}")
 
 
-def run_experiment(cfg: ExperimentConfig, tracker: Tracker, *, base_dir: Path, output_dir: Path) -> dict[str, float]:
+def run_experiment(
+    cfg: ExperimentConfig,
+    tracker: Tracker,
+    *,
+    base_dir: Path,
+    output_dir: Path,
+    checkpoints: Checkpointer | None = None,
+) -> dict[str, float]:
     # 1. paths and early checks
     resolve_paths(cfg, base_dir)
     check_writable(output_dir)
@@ -143,7 +151,7 @@ def run_experiment(cfg: ExperimentConfig, tracker: Tracker, *, base_dir: Path, o
     splits = load_task(cfg.task)
     log.info("task %s: %d train / %d test problems", cfg.task.name, len(splits.train), len(splits.test))
     model, tokenizer = load_policy(cfg.model, seed=cfg.seed, cache_dir=Path(cfg.cache_dir), device=device)
-    ctx = RunContext(cfg, model, tokenizer, splits, build_prompt, tracker, output_dir, device)
+    ctx = RunContext(cfg, model, tokenizer, splits, build_prompt, tracker, output_dir, device, checkpoints=checkpoints)
 
     # 3. init, and the ORM when the reward or the reranking needs one
     ctx.build_prompt = apply_init(ctx)

@@ -18,6 +18,7 @@ from reasoning_rl.tracking import Tracker
 
 if TYPE_CHECKING:
     from reasoning_rl.algos.orm import OutcomeRewardModel
+    from reasoning_rl.checkpointing import Checkpointer
 
 
 @dataclass
@@ -36,6 +37,7 @@ class RunContext:
     banned_token_ids: tuple[int, ...] = ()  # never sampled at evaluation (RCRL bans its [BAD] goal token)
     orm_prompt: Callable[[str], str] | None = None  # the prompt the ORM scores with; None = build_prompt (RCRL's
     # policy prompt ends in a goal token the ORM never saw)
+    checkpoints: Checkpointer | None = None  # saves and restores the algorithm's state (EI, PPO); None = never
 
 
 def evaluate_policy(ctx: RunContext, *, step: int | None = None, progress: bool = True) -> EvalResult:

@@ -60,15 +60,29 @@ def default_tracking_uri(project_root: Path) -> str:
 
 
 class MLflowTracker:
-    """One MLflow run per job."""
+    """One MLflow run per job; ``run_id`` reopens an existing run (a resumed job, see checkpointing.py);
+    ``parent_run_id`` makes a new run the child of a sweep's parent run (sweep.py)."""
 
-    def __init__(self, tracking_uri: str, experiment: str, run_name: str, tags: Mapping[str, str]):
+    def __init__(
+        self,
+        tracking_uri: str,
+        experiment: str,
+        run_name: str,
+        tags: Mapping[str, str],
+        run_id: str | None = None,
+        parent_run_id: str | None = None,
+    ):
         import mlflow  # imported here: mlflow takes ~2 s to import and logger=none runs do not need it
 
         self._mlflow = mlflow
         mlflow.set_tracking_uri(tracking_uri)
         mlflow.set_experiment(experiment)
-        self._run = mlflow.start_run(run_name=run_name, tags=dict(tags))
+        if run_id is not None:
+            self._run = mlflow.start_run(run_id=run_id, tags=dict(tags))
+        else:
+            # The tag the MLflow UI nests runs by; start_run(nested=True) would need the parent active in this process.
+            parent = {"mlflow.parentRunId": parent_run_id} if parent_run_id else {}
+            self._run = mlflow.start_run(run_name=run_name, tags={**tags, **parent})
         self.run_id = self._run.info.run_id
         self.tracking_uri = tracking_uri
         log.info("MLflow run %s (%s) at %s", run_name, self.run_id, tracking_uri)

@@ -11,6 +11,7 @@ Round i = 1 .. algo.rounds:
   5. fine-tune on D_i with cross-entropy, from the initial checkpoint (``algo.reinit_each_round=true``, the
      paper's and STaR's choice, which avoids overfitting to early rounds) or from pi_{i-1}
   6. evaluate pi_i on the test split: the accuracy-vs-round curve of the paper's figure 2, at step i
+  7. checkpoint pi_i, D_i and the counters (``checkpointing.py``): a killed run resumes at round i + 1
 
 Deviations from the paper: K defaults to 4 (the paper's light setting; its table uses 96) and the fine-tuning
 budget is ``algo.epochs`` over D_i rather than a tuned number of steps.
@@ -30,6 +31,7 @@ from pathlib import Path
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from reasoning_rl.algos.sft import finetune
+from reasoning_rl.checkpointing import Checkpointer
 from reasoning_rl.config import EIConfig, ORMFilter, RewardName
 from reasoning_rl.evaluation import EvalResult
 from reasoning_rl.metrics import mean
@@ -108,7 +110,7 @@ def grade(ctx: RunContext, cfg: EIConfig, questions: Sequence[Problem], samples:
 
 def run(ctx: RunContext) -> EvalResult:
     """algo=ei: train in place, evaluating after every round."""
-    result = expert_iteration(ctx, ctx.cfg.algo, evaluate_rounds=True)  # type: ignore[arg-type]
+    result = expert_iteration(ctx, ctx.cfg.algo, evaluate_rounds=True, checkpoints=ctx.checkpoints)  # type: ignore[arg-type]
     assert result is not None
     return result
 
@@ -137,18 +139,31 @@ def trained_policy(ctx: RunContext, cfg: EIConfig) -> tuple[PreTrainedModel, Pre
     return load_checkpoint(stage.path / "model", ctx.device, TORCH_DTYPES[run_cfg.model.dtype])
 
 
-def expert_iteration(ctx: RunContext, cfg: EIConfig, *, evaluate_rounds: bool) -> EvalResult | None:
-    """Rounds 1..cfg.rounds on ctx.model, in place; the last evaluation when ``evaluate_rounds``."""
+def expert_iteration(
+    ctx: RunContext, cfg: EIConfig, *, evaluate_rounds: bool, checkpoints: Checkpointer | None = None
+) -> EvalResult | None:
+    """Rounds 1..cfg.rounds on ctx.model, in place; the last evaluation when ``evaluate_rounds``.
+
+    With ``checkpoints``, the state after every round is saved, and a resumed run continues after its last one.
+    """
     seed = ctx.cfg.seed
     initial_state = copy.deepcopy(ctx.model.state_dict()) if cfg.reinit_each_round else None
     problems_by_id = {p.id: p for p in ctx.splits.train}
     dataset: Dataset = {}
     samples_drawn = 0
     finetune_steps = 0
-    result = evaluate_policy(ctx, step=0) if cfg.eval_init and evaluate_rounds else None
+    first_round = 1
+    result = None
+    saved = checkpoints.restore() if checkpoints is not None else None
+    if saved is not None:  # resume after the last completed round: pi_i, D_i and the counters
+        saved.load_modules(policy=ctx.model)
+        first_round = saved.step + 1
+        dataset, samples_drawn, finetune_steps = (saved.data[k] for k in ("dataset", "samples_drawn", "finetune_steps"))
+    elif cfg.eval_init and evaluate_rounds:
+        result = evaluate_policy(ctx, step=0)
     sampling = SamplingParams(cfg.temperature, cfg.top_p, cfg.max_new_tokens, STOP_STRINGS)
 
-    for round_index in range(1, cfg.rounds + 1):
+    for round_index in range(first_round, cfg.rounds + 1):
         # 1. sample K solutions per training question from pi_{i-1}
         questions = round_questions(ctx.splits.train, cfg.n_questions, seed + round_index)
         prompts = [ctx.build_prompt(p.question) for p in questions]
@@ -193,27 +208,33 @@ def expert_iteration(ctx: RunContext, cfg: EIConfig, *, evaluate_rounds: bool) -
             added,
             dataset_size,
         )
-        if not dataset:
+        if dataset:
+            # 5. fine-tune on D_i, from the initial checkpoint or from pi_{i-1}
+            if initial_state is not None:
+                ctx.model.load_state_dict(initial_state)
+            examples = [
+                (ctx.build_prompt(problems_by_id[pid].question), solution)
+                for pid, solutions in dataset.items()
+                for solution in solutions
+            ]
+            params = finetune_params(
+                ctx, lr=cfg.lr, epochs=cfg.epochs, max_steps=cfg.max_steps, seed=seed + round_index
+            )
+            stats = finetune(
+                ctx.model, ctx.tokenizer, examples, params, ctx.tracker, metric_prefix="ei", step_offset=finetune_steps
+            )
+            finetune_steps += int(stats["steps"])  # train/ei_loss is one curve over all rounds
+        else:  # an empty round (no good sample yet) is not an error: the next round samples again
             log.warning("EI round %d: no sample kept yet, nothing to fine-tune on; policy unchanged", round_index)
-            if evaluate_rounds:
-                result = evaluate_policy(ctx, step=round_index)
-            continue
-
-        # 5. fine-tune on D_i, from the initial checkpoint or from pi_{i-1}
-        if initial_state is not None:
-            ctx.model.load_state_dict(initial_state)
-        examples = [
-            (ctx.build_prompt(problems_by_id[pid].question), solution)
-            for pid, solutions in dataset.items()
-            for solution in solutions
-        ]
-        params = finetune_params(ctx, lr=cfg.lr, epochs=cfg.epochs, max_steps=cfg.max_steps, seed=seed + round_index)
-        stats = finetune(
-            ctx.model, ctx.tokenizer, examples, params, ctx.tracker, metric_prefix="ei", step_offset=finetune_steps
-        )
-        finetune_steps += int(stats["steps"])  # train/ei_loss is one curve over all rounds
 
         # 6. evaluate pi_i: one point of the accuracy-vs-round curve
         if evaluate_rounds:
             result = evaluate_policy(ctx, step=round_index)
+
+        # 7. checkpoint: a run killed from here on resumes at round i + 1
+        if checkpoints is not None:
+            state = {"dataset": dataset, "samples_drawn": samples_drawn, "finetune_steps": finetune_steps}
+            checkpoints.save(round_index, state, {"policy": ctx.model})
+    if evaluate_rounds and result is None:  # resumed after the last round: its evaluation is logged already
+        result = evaluate_policy(ctx, step=cfg.rounds)
     return result

@@ -13,6 +13,8 @@ Step k = 1 .. algo.steps:
      micro-batches, then gradient-norm clipping and an AdamW step
   7. adapt kl_coef toward kl_target (Ziegler et al.'s controller) when algo.adaptive_kl; log train/ppo_* metrics
   8. evaluate every algo.eval_every steps and after the last step (and the init at step 0)
+  9. checkpoint every ``checkpoint_every`` steps and after the last (``checkpointing.py``); a killed run resumes
+     after its last checkpoint
 
 Choices where the paper is silent (it used trlx's PPO):
 - The value head is a linear layer on the policy's last hidden state (shared trunk), initialised to zero; it is
@@ -326,9 +328,22 @@ def run(ctx: RunContext) -> EvalResult:
     batches = question_batches(ctx.splits.train, cfg.rollout_questions, seed)
     kl_coef = cfg.kl_coef
     samples_drawn = 0
-    result = evaluate_policy(ctx, step=0) if cfg.eval_init else None
+    first_step = 1
+    result = None
+    saved = ctx.checkpoints.restore() if ctx.checkpoints is not None else None
+    if saved is not None:  # resume after the last checkpointed step (the RNG states are restored with it)
+        saved.load_modules(policy=model, value_head=value_head)
+        optimizer.load_state_dict(saved.data["optimizer"])
+        warmup.load_state_dict(saved.data["scheduler"])
+        generator.set_state(saved.data["generator"])
+        kl_coef, samples_drawn = saved.data["kl_coef"], saved.data["samples_drawn"]
+        first_step = saved.step + 1
+        for _ in range(saved.step):  # the question batches already used
+            next(batches)
+    elif cfg.eval_init:
+        result = evaluate_policy(ctx, step=0)
 
-    for step in range(1, cfg.steps + 1):
+    for step in range(first_step, cfg.steps + 1):
         started = time.perf_counter()
         # 1. sample K solutions per question from the current policy
         questions = next(batches)
@@ -408,5 +423,17 @@ def run(ctx: RunContext) -> EvalResult:
         # 8. evaluate
         if step == cfg.steps or (cfg.eval_every and step % cfg.eval_every == 0):
             result = evaluate_policy(ctx, step=step)
-    assert result is not None
+
+        # 9. checkpoint every checkpoint_every steps and after the last: a run killed later resumes at step + 1
+        if ctx.checkpoints is not None and ctx.checkpoints.due(step, last=step == cfg.steps):
+            state = {
+                "optimizer": optimizer.state_dict(),
+                "scheduler": warmup.state_dict(),
+                "generator": generator.get_state(),
+                "kl_coef": kl_coef,
+                "samples_drawn": samples_drawn,
+            }
+            ctx.checkpoints.save(step, state, {"policy": model, "value_head": value_head})
+    if result is None:  # resumed after the last step: its evaluation is logged already
+        result = evaluate_policy(ctx, step=cfg.steps)
     return result
