@@ -4,12 +4,13 @@ python main.py model=tiny task=arith init=sft algo=none
 python main.py -m algo=none,ei init=sft,pretrained model=tiny task=arith   # a 2 x 2 multirun
 """
 
+import sys
 from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
 
-from reasoning_rl.app import run_job
+from reasoning_rl.app import check_output_dirs, run_job
 from reasoning_rl.config import register_configs
 
 PROJECT_ROOT = Path(__file__).resolve().parent
@@ -23,4 +24,5 @@ def main(cfg: DictConfig) -> float:
 
 
 if __name__ == "__main__":
+    check_output_dirs(sys.argv)
     main()

@@ -4,12 +4,18 @@ restarted with the same command, and must end exactly where an uninterrupted run
 Six real `python main.py` processes: for each algorithm, an uninterrupted reference and a victim (started together,
 four at once), then the victim's restart. Each has its own MLflow store and run directory; all share one SFT stage
 (the first to get the stage lock builds it). Then the finished command is run once more and must not recompute.
+
+The same processes test the shared stages under concurrency (issue 7, item 5), to spend CI time once: before they
+start, a job building the SFT stage is killed mid-build; then the four need that stage at once and must build it
+exactly once, ignoring (and cleaning up) what the killed builder left.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -40,12 +46,12 @@ NOT_COMPARED = ("train/sft_loss", "train/sft_lr", "train/sft_grad_norm", "perf/"
 class Job:
     """One `python main.py` process with its own MLflow store and run directory; the SFT stage is shared."""
 
-    def __init__(self, name: str, overrides: list[str], tmp: Path, stages: Path) -> None:
+    def __init__(self, name: str, overrides: list[str], tmp: Path, stages: Path, empty_db: Path) -> None:
         self.name, self.overrides, self.tmp = name, overrides, tmp
         self.cache = tmp / f"cache_{name}"
-        self.cache.mkdir(exist_ok=True)
-        if not (self.cache / "stages").exists():
-            (self.cache / "stages").symlink_to(stages)
+        self.cache.mkdir()
+        (self.cache / "stages").symlink_to(stages)
+        shutil.copy(empty_db, tmp / f"{name}.db")  # creating MLflow's tables costs each process ~7 s of CPU
         self.uri = f"sqlite:///{tmp / f'{name}.db'}"
         self.starts = 0
 
@@ -107,14 +113,22 @@ class Job:
 def resumed(tmp_path_factory):
     """Both algorithms: references and victims run at once; victims are killed after their first checkpoint and
     restarted; returns {algo: (reference job, victim job, step it was killed after, output of the restart)}."""
+    from mlflow.tracking import MlflowClient
+
     tmp = tmp_path_factory.mktemp("resume")
     stages = tmp / "stages"
     stages.mkdir()
+    empty_db = tmp / "empty.db"
+    MlflowClient(tracking_uri=f"sqlite:///{empty_db}").create_experiment("reasoning-rl", str(tmp / "artifacts"))
     jobs = {
-        algo: (Job(f"{algo}_ref", overrides, tmp, stages), Job(f"{algo}_victim", overrides, tmp, stages))
+        algo: (
+            Job(f"{algo}_ref", overrides, tmp, stages, empty_db),
+            Job(f"{algo}_victim", overrides, tmp, stages, empty_db),
+        )
         for algo, overrides in (("ei", EI), ("ppo", PPO))
     }
-    for reference, victim in jobs.values():
+    leftovers = kill_a_stage_builder(tmp, stages)
+    for reference, victim in jobs.values():  # four processes that need the same SFT stage, at once
         reference.start()
         victim.start()
     killed = {algo: victim.kill_after_step(1) for algo, (_, victim) in jobs.items()}
@@ -123,7 +137,44 @@ def resumed(tmp_path_factory):
     outputs = {algo: victim.wait() for algo, (_, victim) in jobs.items()}
     for reference, _ in jobs.values():
         reference.wait()
-    return {algo: (*jobs[algo], killed[algo], outputs[algo]) for algo in jobs}
+    return {algo: (*jobs[algo], killed[algo], outputs[algo]) for algo in jobs} | {"stages": (stages, leftovers)}
+
+
+def kill_a_stage_builder(tmp: Path, stages: Path) -> list[str]:
+    """Start a job that builds the SFT stage and SIGKILL it mid-build; returns what it left in the stage folder."""
+    cache = tmp / "cache_killed"
+    cache.mkdir()
+    (cache / "stages").symlink_to(stages)
+    command = [sys.executable, str(ROOT / "main.py"), *COMMON, "logger=none", f"cache_dir={cache}",
+               f"hydra.run.dir={tmp / 'out' / 'killed'}"]  # fmt: skip
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "REASONING_RL_THREADS": "1"}
+    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    deadline = time.monotonic() + 600
+    while not list(stages.glob("sft/.*")):  # the temporary directory the builder writes into
+        assert process.poll() is None and time.monotonic() < deadline, "the builder ended before it was killed"
+        time.sleep(0.02)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    return sorted(p.name for p in (stages / "sft").iterdir())
+
+
+def test_a_stage_builder_killed_mid_build_leaves_nothing_usable(resumed):
+    stages, leftovers = resumed["stages"]
+    (key,) = [name.removesuffix(".lock") for name in leftovers if name.endswith(".lock")]
+    assert any(name.startswith(f".{key}.") for name in leftovers)  # its half-written temporary directory
+    assert key not in leftovers  # and no stage under the name others look for
+    assert not list((stages / "sft").glob(".*"))  # the next builder removed the leftover before building
+    assert (stages / "sft" / key / "stage.json").is_file()
+
+
+def test_four_jobs_needing_one_stage_at_once_build_it_once(resumed):
+    """The references and the victims started together; one built the SFT stage, the others waited and reused it.
+    (Read from their first start's log: a victim's restart reuses the stage and retags its run.)"""
+    logs = [(job.tmp / f"{job.name}.1.log").read_text() for algo in ("ei", "ppo") for job in resumed[algo][:2]]
+    found = [re.findall(r"stage sft: (computed|reused) (\S+)", log) for log in logs]
+    assert all(len(f) == 1 for f in found), found
+    assert sorted(f[0][0] for f in found) == ["computed", "reused", "reused", "reused"], found
+    assert len({Path(f[0][1]).name for f in found}) == 1, found  # the same stage (each sees it via its own cache_dir)
 
 
 @pytest.mark.parametrize("algo, step_log", [("ei", "EI round {}:"), ("ppo", "PPO step {}:")])

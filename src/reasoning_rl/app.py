@@ -8,6 +8,7 @@ FAILED. Anything else is a bug and keeps its traceback.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -30,6 +31,21 @@ EXIT_USER_ERROR = 2
 def fail(message: str) -> None:
     print(f"\nError: {message}\n", file=sys.stderr)
     sys.exit(EXIT_USER_ERROR)
+
+
+def check_output_dirs(argv: list[str]) -> None:
+    """Hydra creates the job's output directory before any code of ours runs, and fails with a traceback when it
+    cannot: check the output directories given on the command line first (``hydra.run.dir``, ``hydra.sweep.dir``)."""
+    for arg in argv[1:]:
+        key, _, value = arg.partition("=")
+        if key.lstrip("+") not in ("hydra.run.dir", "hydra.sweep.dir") or not value or "${" in value:
+            continue
+        existing = Path(value).expanduser().absolute()
+        while not existing.exists():  # the nearest existing ancestor must be a writable directory
+            existing = existing.parent
+        if not existing.is_dir() or not os.access(existing, os.W_OK):
+            problem = "is not a directory" if not existing.is_dir() else "is not writable"
+            fail(f"cannot create the output directory {value}: {existing} {problem}. Set {key} to a writable place.")
 
 
 def run_tags(cfg: ExperimentConfig) -> dict[str, str]:

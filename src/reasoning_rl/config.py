@@ -10,6 +10,7 @@ Adding an option: subclass (or instantiate) the group's dataclass below and add 
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
@@ -501,6 +502,27 @@ def register_configs() -> None:
             cs.store(group=group, name=name, node=node)
 
 
+def unknown_keys(node: DictConfig, prefix: str = "") -> list[str]:
+    """Keys a typed node's dataclass does not have. Hydra refuses ``key=value`` for them, but ``+key=value`` adds
+    them, and converting to the dataclass would then drop them silently."""
+    schema = OmegaConf.get_type(node)
+    names = {f.name for f in dataclasses.fields(schema)} if dataclasses.is_dataclass(schema) else None
+    found = []
+    for key in node.keys():
+        name = f"{prefix}{key}"
+        if names is not None and key not in names:
+            found.append(name)
+        child = node._get_node(key)
+        if isinstance(child, DictConfig) and not child._is_none() and not child._is_missing():
+            found += unknown_keys(child, f"{name}.")
+    return found
+
+
 def to_experiment(cfg: DictConfig) -> ExperimentConfig:
     """Turn the composed config into typed objects, running every ``__post_init__`` check."""
+    if unknown := unknown_keys(cfg):
+        raise ConfigError(
+            f"unknown config key(s): {', '.join(unknown)}. Check the spelling; `python main.py --cfg job` prints "
+            "every key with its value."
+        )
     return OmegaConf.to_object(cfg)  # type: ignore[return-value]

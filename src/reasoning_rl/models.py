@@ -154,6 +154,11 @@ def _load_local(cfg: ModelConfig, seed: int, cache_dir: Path) -> tuple[PreTraine
     path = _existing_path(cfg)
     if not path.is_dir():
         raise ModelLoadError(f"model.path={cfg.path!r} is not a directory (model.source=local needs one).")
+    if not (path / "config.json").is_file():  # else transformers fails deep inside with a ValueError
+        raise ModelLoadError(
+            f"model.path={cfg.path!r} is not a model directory (no config.json): point it at a directory written by "
+            "save_pretrained, e.g. a checkpoint of ours."
+        )
     return _from_dir(path, TORCH_DTYPES[cfg.dtype])
 
 

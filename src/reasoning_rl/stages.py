@@ -7,7 +7,8 @@ same time compute it once: the builder holds a file lock, the other waits and th
 
 A stage is never seen half-written: it is built in a temporary directory beside its final place, ``stage.json``
 (its inputs, for the curious) is written last, and the directory is renamed into place. A crash leaves at most a
-temporary directory, which the next builder ignores. Delete ``<cache_dir>/stages`` to recompute everything.
+temporary directory, which the next builder of that stage deletes. Delete ``<cache_dir>/stages`` to recompute
+everything.
 """
 
 from __future__ import annotations
@@ -102,6 +103,8 @@ def cached_stage(
         with FileLock(str(final) + ".lock"):
             reused = (final / MANIFEST).is_file()  # another job may have built it while we waited for the lock
             if not reused:
+                for stale in final.parent.glob(f".{final.name}.*"):  # left by a builder that was killed; we hold
+                    shutil.rmtree(stale, ignore_errors=True)  # the lock, so no live builder is using it
                 _build_atomically(final, name, inputs, build)
     log.info("stage %s: %s %s", name, "reused" if reused else "computed", final)
     tracker.set_tags({f"stage/{name}": f"{'reused' if reused else 'computed'} {final}"})
