@@ -73,9 +73,7 @@ class MLflowSweepCallback(Callback):
         axes = sweep_axes(list(config.hydra.overrides.task), sweeper_params)  # type: ignore[arg-type]
         client = MlflowClient(tracking_uri=uri)
         experiment = client.get_experiment_by_name(config.logger.experiment)
-        experiment_id = (
-            experiment.experiment_id if experiment else client.create_experiment(config.logger.experiment)
-        )
+        experiment_id = experiment.experiment_id if experiment else client.create_experiment(config.logger.experiment)
         name = f"sweep {config.hydra.job.config_name} {sweep_dir.name}"
         tags = {
             "sweep": "parent",
