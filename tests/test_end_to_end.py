@@ -49,12 +49,12 @@ def run_main(overrides: list[str], tracking_uri: str, out: Path, cache: Path) ->
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def runs(tmp_path_factory, stage_cache):
     import mlflow
 
     tmp = tmp_path_factory.mktemp("e2e")
     uri = f"sqlite:///{tmp / 'mlflow.db'}"
-    cache = tmp / "cache"  # the SFT stage computed here is reused by the later tests of this module
+    cache = stage_cache  # the SFT stage computed here (or by test_ppo.py) is reused by every later run
     run_main([*COMMON, "init=sft", f"init.max_steps={SFT_STEPS}"], uri, tmp / "sft", cache)
     run_main([*COMMON, "init=pretrained", "init.n_shots=0"], uri, tmp / "untrained", cache)
     client = mlflow.tracking.MlflowClient(tracking_uri=uri)
@@ -146,12 +146,11 @@ def history(client, run, name: str) -> dict[int, float]:
 
 
 @pytest.mark.slow
-def test_expert_iteration_beats_its_sft_init_and_the_orm_reranks(runs, tmp_path):
+def test_expert_iteration_beats_its_sft_init_and_the_orm_reranks(runs, tmp_path, stage_cache):
     import mlflow
 
-    _, _, shared = runs
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    run_main(EI_WITH_ORM, uri, tmp_path / "ei", shared / "cache")
+    run_main(EI_WITH_ORM, uri, tmp_path / "ei", stage_cache)
     client = mlflow.tracking.MlflowClient(tracking_uri=uri)
     (run,) = client.search_runs([client.get_experiment_by_name("reasoning-rl").experiment_id])
     assert run.data.tags["algo"] == "ei" and run.info.status == "FINISHED"
@@ -186,17 +185,17 @@ def test_expert_iteration_beats_its_sft_init_and_the_orm_reranks(runs, tmp_path)
 
 
 @pytest.mark.slow
-def test_orm_ei_twice_reuses_the_sft_and_orm_stages(runs, tmp_path):
+def test_orm_ei_twice_reuses_the_sft_and_orm_stages(runs, tmp_path, stage_cache):
     """reward=orm: ORM EI. Run twice, the second run computes no stage; the ORM is the one trained above."""
     import mlflow
 
-    _, _, shared = runs
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     small_ei = ["reward=orm", "algo.rounds=1", "algo.n_questions=100", "algo.max_steps=20", "eval.k=2"]
     overrides = [*[o for o in EI_WITH_ORM if not o.startswith(("algo.rounds", "algo.n_questions", "eval.k"))],
                  *small_ei]  # fmt: skip
-    run_main(overrides, uri, tmp_path / "first", shared / "cache")
-    run_main(overrides, uri, tmp_path / "second", shared / "cache")
+    run_main(overrides, uri, tmp_path / "first", stage_cache)
+    # resume=false: the same config again would otherwise be reported as finished (checkpointing.py), not rerun
+    run_main([*overrides, "resume=false"], uri, tmp_path / "second", stage_cache)
     client = mlflow.tracking.MlflowClient(tracking_uri=uri)
     first, second = client.search_runs(
         [client.get_experiment_by_name("reasoning-rl").experiment_id], order_by=["attributes.start_time ASC"]
@@ -211,11 +210,10 @@ def test_orm_ei_twice_reuses_the_sft_and_orm_stages(runs, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("reward", ["sparse", "orm"])
-def test_rcrl_runs_end_to_end_from_the_ei_stage(runs, tmp_path, reward):
+def test_rcrl_runs_end_to_end_from_the_ei_stage(runs, tmp_path, stage_cache, reward):
     """RCRL labels steps by rollouts (sparse) or by the ORM (orm: "ORM RCRL", reusing the ORM trained above)."""
     import mlflow
 
-    _, _, shared = runs
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     overrides = [
         *[o for o in COMMON if o != "algo=none"], "init=sft", f"init.max_steps={SFT_STEPS}", "task.n_test=50",
@@ -224,7 +222,7 @@ def test_rcrl_runs_end_to_end_from_the_ei_stage(runs, tmp_path, reward):
         "algo.ei.max_steps=40", "algo.n_questions=100", "algo.num_solutions=2", "algo.num_rollouts=2",
         "algo.max_new_tokens=48", "algo.max_steps=40",
     ]  # fmt: skip
-    run_main(overrides, uri, tmp_path / "rcrl", shared / "cache")
+    run_main(overrides, uri, tmp_path / "rcrl", stage_cache)
     client = mlflow.tracking.MlflowClient(tracking_uri=uri)
     (run,) = client.search_runs([client.get_experiment_by_name("reasoning-rl").experiment_id])
     metrics = run.data.metrics

@@ -220,8 +220,8 @@ PER_STEP_METRICS = [
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("ppo_cache")  # the SFT stage computed by the first run is reused by the others
+def cache(stage_cache) -> Path:
+    return stage_cache  # the SFT stage (the same settings as test_end_to_end.py's) is computed once per session
 
 
 @pytest.mark.slow
