@@ -174,6 +174,22 @@ class Checkpointer:
     def due(self, step: int, *, last: bool) -> bool:
         return last or (self.every > 0 and step % self.every == 0)
 
+    def describe_latest(self) -> str:
+        """Where the latest checkpoint is, in words (for error messages)."""
+        state = read_state(self.directory)
+        if state.get("checkpoint") is None:
+            return "no checkpoint yet"
+        return f"the checkpoint after step {state['step']}, {self.directory / state['checkpoint']}"
+
+    def check_space(self, needed: int) -> None:
+        """Fail now, not at the first checkpoint hours from now, when the disk cannot hold ``needed`` bytes."""
+        free = shutil.disk_usage(self.directory).free
+        if free < needed:
+            raise OSError(
+                f"only {free / 2**20:.0f} MiB free on the disk of {self.directory}, and checkpoints of this run need "
+                f"about {needed / 2**20:.0f} MiB; free some space or set cache_dir to a larger disk."
+            )
+
     def restore(self) -> Checkpoint | None:
         """The latest checkpoint of this run (and the global RNG states put back as they were), or None."""
         state = read_state(self.directory)
@@ -218,6 +234,16 @@ class Checkpointer:
                 shutil.rmtree(old, ignore_errors=True)
         log.info("checkpoint after step %d: %s", step, final)
         return final
+
+
+# Copies of the policy's size one checkpoint holds, times two (the new one is written before the old one goes): EI
+# saves the policy; PPO the policy and AdamW's two moments (the value head is one row).
+CHECKPOINT_COPIES = {"ei": 2 * 1, "ppo": 2 * 3}
+
+
+def checkpoint_bytes(model: torch.nn.Module, algo: str) -> int:
+    """Disk space the checkpoints of ``algo`` need for ``model`` (0 for an algorithm that does not checkpoint)."""
+    return CHECKPOINT_COPIES.get(algo, 0) * sum(p.numel() * p.element_size() for p in model.parameters())
 
 
 # ---------------------------------------------------------------------------------------- run directory

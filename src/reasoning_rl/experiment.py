@@ -24,7 +24,7 @@ import torch
 
 from reasoning_rl.algos import ei, orm, ppo, rcrl
 from reasoning_rl.algos.sft import finetune
-from reasoning_rl.checkpointing import Checkpointer
+from reasoning_rl.checkpointing import Checkpointer, checkpoint_bytes
 from reasoning_rl.config import ExperimentConfig, GSM8KTaskConfig, InitName, ModelSource, SVAMPTaskConfig
 from reasoning_rl.evaluation import EvalResult, write_records
 from reasoning_rl.models import TORCH_DTYPES, load_checkpoint, load_policy, resolve_device, save_checkpoint
@@ -151,6 +151,8 @@ def run_experiment(
     splits = load_task(cfg.task)
     log.info("task %s: %d train / %d test problems", cfg.task.name, len(splits.train), len(splits.test))
     model, tokenizer = load_policy(cfg.model, seed=cfg.seed, cache_dir=Path(cfg.cache_dir), device=device)
+    if checkpoints is not None:  # a full disk fails now, not at the first checkpoint
+        checkpoints.check_space(checkpoint_bytes(model, cfg.algo.name))
     ctx = RunContext(cfg, model, tokenizer, splits, build_prompt, tracker, output_dir, device, checkpoints=checkpoints)
 
     # 3. init, and the ORM when the reward or the reranking needs one

@@ -301,6 +301,18 @@ def ppo_update(
     return {name: sum(values) / len(values) for name, values in stats.items()}
 
 
+def check_finite(ctx: RunContext, step: int, values: dict[str, torch.Tensor]) -> None:
+    """Stop the run at the first NaN or infinity in a reward or the loss: nothing after it can be trusted, and the
+    state it would poison is not checkpointed, so the last good checkpoint stays the one a rerun resumes from."""
+    for name, value in values.items():
+        if not bool(torch.isfinite(value).all()):
+            kept = ctx.checkpoints.describe_latest() if ctx.checkpoints is not None else "no checkpoint (none asked)"
+            raise FloatingPointError(
+                f"PPO step {step}: the {name} is not finite (NaN or infinity); lower algo.lr or check the reward. "
+                f"The run stops here; kept: {kept}."
+            )
+
+
 # --------------------------------------------------------------------------------------------------- loop
 
 
@@ -366,6 +378,7 @@ def run(ctx: RunContext) -> EvalResult:
         scores, correct = score_samples(ctx, cfg, problems, samples)
         batch = pack_rollouts(tokenizer, [ctx.build_prompt(p.question) for p in problems], samples, scores)
         mask = batch["mask"]  # (N, T)
+        check_finite(ctx, step, {"reward": batch["scores"]})
         task_rewards = masked_whiten(batch["scores"], mask, shift_mean=False) if cfg.whiten_rewards else batch["scores"]
 
         # 3. old log-probs, values and reference log-probs
@@ -391,6 +404,7 @@ def run(ctx: RunContext) -> EvalResult:
             generator=generator,
             scheduler=warmup,
         )
+        check_finite(ctx, step, {"KL penalty": kl, **{f"ppo {name}": torch.tensor(v) for name, v in stats.items()}})
 
         # 7. adapt the KL coefficient, log
         sequence_kl = float(kl.sum(1).mean())  # KL(pi || pi_ref) per sequence, estimated on the rollouts

@@ -1,0 +1,142 @@
+"""Checkpoints in process: exact round trips of optimizer and RNG states, atomic replacement, the run key, and the
+guards (a NaN stops PPO and keeps the last good checkpoint; an EI round with no correct sample is not a crash; a
+disk too small fails early). The kill-and-resume test through the real CLI is tests/test_resume.py."""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+from reasoning_rl.checkpointing import Checkpointer, join_tensors, run_key, split_tensors
+from reasoning_rl.config import register_configs, to_experiment
+from reasoning_rl.experiment import resolve_paths, run_experiment
+from reasoning_rl.tracking import NullTracker
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY_RUN = ["model=tiny", "task=arith", "task.min_steps=1", "task.max_steps=1", "task.n_train=32", "task.n_test=2",
+            "eval.k=1", "eval.max_new_tokens=16", "logger=none", "init=pretrained", "init.n_shots=0"]  # fmt: skip
+
+
+def compose_experiment(overrides: list[str]):
+    register_configs()
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        return to_experiment(compose(config_name="config", overrides=overrides))
+
+
+def stepped_adamw() -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    torch.manual_seed(0)
+    module = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 1))
+    optimizer = torch.optim.AdamW(module.parameters(), lr=1e-2, betas=(0.8, 0.9))
+    for _ in range(2):
+        module(torch.randn(5, 4)).pow(2).mean().backward()
+        optimizer.step()
+    return module, optimizer
+
+
+def test_optimizer_and_rng_states_round_trip_exactly_through_a_checkpoint(tmp_path):
+    module, optimizer = stepped_adamw()
+    checkpoints = Checkpointer(tmp_path, every=1, restore=True)
+    data = {"optimizer": optimizer.state_dict(), "kl_coef": 0.05, "odd": {"nan": float("nan"), 3: (1, 2)}}
+    random.seed(1), np.random.seed(1), torch.manual_seed(1)
+    checkpoints.save(7, data, {"policy": module})
+    expected = (random.random(), float(np.random.rand()), float(torch.rand(1)))  # what follows the checkpoint
+
+    fresh, fresh_optimizer = stepped_adamw()
+    torch.nn.init.zeros_(fresh[0].weight)  # differs from the saved weights until they are loaded
+    saved = checkpoints.restore()
+    assert saved is not None and saved.step == 7
+    assert (random.random(), float(np.random.rand()), float(torch.rand(1))) == expected  # the RNGs continue as saved
+    saved.load_modules(policy=fresh)
+    fresh_optimizer.load_state_dict(saved.data["optimizer"])
+    for a, b in zip(module.parameters(), fresh.parameters(), strict=True):
+        assert torch.equal(a, b)
+    ours, theirs = optimizer.state_dict(), fresh_optimizer.state_dict()
+    assert sorted(theirs["state"]) == [0, 1, 2, 3]  # int keys survive JSON (else AdamW silently drops its moments)
+    for index, state in ours["state"].items():
+        for key, value in state.items():
+            assert torch.equal(value, theirs["state"][index][key]), (index, key)
+    assert theirs["param_groups"] == ours["param_groups"]
+    assert saved.data["kl_coef"] == 0.05 and saved.data["odd"][3] == (1, 2) and np.isnan(saved.data["odd"]["nan"])
+
+
+def test_a_new_checkpoint_replaces_the_old_one_and_state_names_it(tmp_path):
+    module, _ = stepped_adamw()
+    checkpoints = Checkpointer(tmp_path, every=2, restore=True)
+    assert [checkpoints.due(s, last=False) for s in (1, 2, 3, 4)] == [False, True, False, True]
+    assert checkpoints.due(3, last=True)
+    assert checkpoints.restore() is None and checkpoints.describe_latest() == "no checkpoint yet"
+    checkpoints.save(2, {"x": 1}, {"policy": module})
+    (tmp_path / "ckpt-000004").mkdir()  # left by a run killed between its rename and its state update
+    checkpoints.save(4, {"x": 2}, {"policy": module})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt-000004", "state.json"]
+    assert json.loads((tmp_path / "state.json").read_text()) == {"checkpoint": "ckpt-000004", "step": 4}
+    assert checkpoints.restore().data == {"x": 2}
+    assert Checkpointer(tmp_path, every=2, restore=False).restore() is None  # resume=false starts afresh
+
+
+def test_split_tensors_leaves_no_tensor_in_the_json(tmp_path):
+    tensors: dict[str, torch.Tensor] = {}
+    tree = split_tensors({"a": [torch.ones(2), (torch.zeros(1), 3)], 5: np.arange(3)}, tensors, "s")
+    json.dumps(tree)  # JSON-able
+    assert sorted(tensors) == ["s.0.0", "s.0.1.0"]  # a dict with a non-str key is stored as a list of items
+    back = join_tensors(json.loads(json.dumps(tree)), tensors)
+    assert torch.equal(back["a"][0], torch.ones(2)) and back["a"][1][1] == 3 and back[5].tolist() == [0, 1, 2]
+    with pytest.raises(TypeError, match="cannot checkpoint a object"):
+        split_tensors(object(), {}, "s")
+
+
+def test_run_key_ignores_how_to_run_but_not_what_to_compute(tmp_path):
+    def key(*overrides: str, uri: str | None = "sqlite:///a.db") -> str:
+        cfg = compose_experiment(["model=tiny", "task=arith", *overrides])
+        resolve_paths(cfg, tmp_path)
+        return run_key(cfg, uri)
+
+    base = key()
+    assert key("resume=false", "checkpoint_every=3", "logger.run_name=x") == base
+    assert key("seed=1") != base and key("eval.k=2") != base and key(uri="sqlite:///b.db") != base
+
+
+def test_not_enough_disk_fails_early_with_a_clear_message(tmp_path):
+    checkpoints = Checkpointer(tmp_path, every=1, restore=True)
+    checkpoints.check_space(1)
+    with pytest.raises(OSError, match="free on the disk of .* set cache_dir to a larger disk"):
+        checkpoints.check_space(shutil.disk_usage(tmp_path).free + 2**30)
+
+
+def test_nan_in_ppo_stops_at_its_step_and_keeps_the_last_good_checkpoint(tmp_path):
+    ppo = ["algo=ppo", "algo.rollout_questions=4", "algo.num_samples=2", "algo.max_new_tokens=16",
+           "algo.eval_init=false", f"cache_dir={tmp_path / 'cache'}", "checkpoint_every=1"]  # fmt: skip
+    checkpoints = Checkpointer(tmp_path, every=1, restore=True)
+    cfg = compose_experiment([*TINY_RUN, *ppo, "algo.steps=1"])
+    run_experiment(cfg, NullTracker(), base_dir=tmp_path, output_dir=tmp_path / "out1", checkpoints=checkpoints)
+    good = (tmp_path / "ckpt-000001" / "policy.safetensors").read_bytes()
+
+    cfg = compose_experiment([*TINY_RUN, *ppo, "algo.steps=2"])
+    cfg.algo.vf_coef = float("nan")  # poisons the loss of step 2 (the config itself refuses nothing here)
+    with pytest.raises(FloatingPointError, match=r"PPO step 2: the ppo .* is not finite .* after step 1"):
+        run_experiment(cfg, NullTracker(), base_dir=tmp_path, output_dir=tmp_path / "out2", checkpoints=checkpoints)
+    assert json.loads((tmp_path / "state.json").read_text())["step"] == 1
+    assert (tmp_path / "ckpt-000001" / "policy.safetensors").read_bytes() == good
+
+
+def test_an_ei_round_with_no_good_sample_is_logged_not_a_crash(tmp_path, caplog):
+    """An untrained model solves nothing: every round keeps nothing, the policy stays, the run ends normally."""
+    ei = ["algo=ei", "algo.rounds=2", "algo.num_samples=1", "algo.n_questions=4", "algo.max_new_tokens=8",
+          "algo.eval_init=false", f"cache_dir={tmp_path / 'cache'}"]  # fmt: skip
+    checkpoints = Checkpointer(tmp_path, every=1, restore=True)
+    cfg = compose_experiment([*TINY_RUN, *ei])
+    metrics = run_experiment(
+        cfg, NullTracker(), base_dir=tmp_path, output_dir=tmp_path / "out", checkpoints=checkpoints
+    )
+    assert metrics["eval/maj_at_1"] == 0
+    assert "EI round 2: no sample kept yet" in caplog.text
+    assert checkpoints.restore().data["dataset"] == {}
