@@ -151,10 +151,11 @@ def mlflow_server(tmp_path_factory):
 
 
 # EI from a briefly fine-tuned tiny model, two seeds: enough for a table cell with a std and an accuracy-vs-round
-# curve, small enough for seconds per job.
+# curve, small enough for seconds per job. (The sweep files themselves are composed job by job above.)
 TINY_EI = [
-    "model=tiny", "task=arith", "task.n_train=64", "task.n_test=10", "init.max_steps=10", "eval.k=2",
-    "algo.rounds=2", "algo.n_questions=16", "algo.max_steps=4", "hydra.sweeper.params.init=sft", "seed=0,1",
+    "row=ei", "init=sft", "seed=0,1", "model=tiny", "task=arith", "task.n_train=64", "task.n_test=10",
+    "init.max_steps=10", "eval.k=2", "eval.max_new_tokens=48", "algo.rounds=2", "algo.n_questions=16",
+    "algo.max_steps=4", "algo.max_new_tokens=48",
 ]  # fmt: skip
 
 
@@ -165,9 +166,8 @@ def test_submitit_sweep_logs_nested_runs_to_a_server_and_the_report_tables_them(
     uri, _ = mlflow_server
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "HF_HUB_OFFLINE": "1", "REASONING_RL_THREADS": "1"}
     command = [
-        sys.executable, str(ROOT / "main.py"), "-m", "--config-dir", str(ROOT / "sweeps"), "--config-name", "ei_rounds",
-        *TINY_EI, "hydra/launcher=submitit_local", f"hydra.sweep.dir={tmp_path / 'sweep'}",
-        f"cache_dir={tmp_path / 'cache'}",
+        sys.executable, str(ROOT / "main.py"), "-m", *TINY_EI, "hydra/launcher=submitit_local",
+        f"hydra.sweep.dir={tmp_path / 'sweep'}", f"cache_dir={tmp_path / 'cache'}",
     ]  # fmt: skip
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900, env=env)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -181,7 +181,7 @@ def test_submitit_sweep_logs_nested_runs_to_a_server_and_the_report_tables_them(
     assert parent.data.tags["sweep/axes"] == "seed" and parent.info.status == "FINISHED"
     assert parent.data.tags["sweep/launcher"] == "LocalLauncher"
     assert sorted(r.data.tags["seed"] for r in children) == ["0", "1"]
-    assert all(r.info.status == "FINISHED" and r.data.tags["algo"] == "ei" for r in children)
+    assert all(r.info.status == "FINISHED" and r.data.tags["row"] == "ei" for r in children)
     assert len(list((tmp_path / "sweep" / ".submitit").glob("*/*_result.pkl"))) == 2
 
     # The report: python -m reasoning_rl.report, from the sweep directory (it finds the server and the parent).
