@@ -213,7 +213,7 @@ def test_submitit_sweep_logs_nested_runs_to_a_server_and_the_report_tables_them(
         nbclient.NotebookClient(notebook, timeout=300, resources={"metadata": {"path": str(ROOT)}}).execute()
     finally:
         os.environ.pop("MLFLOW_TRACKING_URI")
-    outputs = "".join(str(o.get("text", "")) + str(o.get("data", {}).get("text/plain", ""))
+    outputs = "".join(str(o.get("text", "")) + str(o.get("data", {}).get("text/markdown", ""))
                       for c in notebook.cells if c.cell_type == "code" for o in c.outputs)  # fmt: skip
     assert "2 finished runs" in outputs and "EI" in outputs and " ± " in outputs
     assert any("image/png" in o.get("data", {}) for c in notebook.cells if c.cell_type == "code" for o in c.outputs)
