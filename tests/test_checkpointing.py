@@ -5,6 +5,7 @@ disk too small fails early). The kill-and-resume test through the real CLI is te
 from __future__ import annotations
 
 import json
+import logging
 import random
 import shutil
 from pathlib import Path
@@ -140,3 +141,20 @@ def test_an_ei_round_with_no_good_sample_is_logged_not_a_crash(tmp_path, caplog)
     assert metrics["eval/maj_at_1"] == 0
     assert "EI round 2: no sample kept yet" in caplog.text
     assert checkpoints.restore().data["dataset"] == {}
+
+
+def test_rcrl_resumes_from_its_checkpoint_without_labelling_again(tmp_path, caplog):
+    rcrl = ["algo=rcrl", "algo.ei.rounds=1", "algo.ei.num_samples=1", "algo.ei.n_questions=4", "algo.ei.max_steps=2",
+            "algo.ei.max_new_tokens=16", "algo.num_solutions=1", "algo.num_rollouts=1", "algo.n_questions=4",
+            "algo.max_new_tokens=16", "algo.max_steps=2", f"cache_dir={tmp_path / 'cache'}"]  # fmt: skip
+    caplog.set_level(logging.INFO)
+    checkpoints = Checkpointer(tmp_path, every=1, restore=True)
+    cfg = compose_experiment([*TINY_RUN, *rcrl])
+    first = run_experiment(cfg, NullTracker(), base_dir=tmp_path, output_dir=tmp_path / "a", checkpoints=checkpoints)
+    assert "RCRL: " in caplog.text  # the labelling log line
+    assert json.loads((tmp_path / "state.json").read_text())["step"] == 2
+    caplog.clear()
+    cfg = compose_experiment([*TINY_RUN, *rcrl])
+    again = run_experiment(cfg, NullTracker(), base_dir=tmp_path, output_dir=tmp_path / "b", checkpoints=checkpoints)
+    assert "resuming after step 2" in caplog.text and "RCRL: " not in caplog.text  # nothing labelled or trained
+    assert again == first

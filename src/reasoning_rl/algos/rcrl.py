@@ -15,6 +15,8 @@ goal g_t is a token, [GOOD] or [BAD], that opens each step of the solution.
      init policy's embeddings; the new rows start at the mean of the old ones (transformers' ``mean_resizing``)
   5. fine-tune the init policy (not the EI policy) with cross-entropy on (prompt, solution with its goal tokens)
   6. condition on [GOOD] at test time; the pipeline then evaluates
+A run checkpoints the labelled examples after phase 3 and the policy after phase 5 (``checkpointing.py``); a killed
+run resumes from the later of the two.
 
 Choices where the paper is not explicit:
 - A goal token sits at the start of its step's line ("[GOOD]a\\n\\n[BAD]b\\n[GOOD]#### 3"); blank lines stay with
@@ -231,8 +233,8 @@ def add_goal_tokens(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, 
 # ----------------------------------------------------------------------------------------------- the loop
 
 
-def run(ctx: RunContext) -> EvalResult | None:
-    cfg: RCRLConfig = ctx.cfg.algo  # type: ignore[assignment]
+def labelled_examples(ctx: RunContext, cfg: RCRLConfig) -> list[tuple[str, str]]:
+    """Phases 1-3: (prompt, solution with a goal token opening each step) for every sampled solution."""
     seed = ctx.cfg.seed
     batch_size = ctx.cfg.model.sample_batch_size
     sampling = SamplingParams(cfg.temperature, cfg.top_p, cfg.max_new_tokens, STOP_STRINGS)
@@ -284,7 +286,25 @@ def run(ctx: RunContext) -> EvalResult | None:
         }
     )
     log.info("RCRL: %d solutions, %d/%d steps labelled %s", len(solutions), num_good, num_steps, GOOD)
-    if not solutions:
+    return [
+        (ctx.build_prompt(s.problem.question), goal_conditioned(s.text, steps))
+        for s, steps in zip(solutions, labels, strict=True)
+    ]
+
+
+def run(ctx: RunContext) -> EvalResult | None:
+    cfg: RCRLConfig = ctx.cfg.algo  # type: ignore[assignment]
+    seed = ctx.cfg.seed
+    checkpoints = ctx.checkpoints
+    # A resumed run skips what its checkpoint holds: the labelled examples (step 1), the fine-tuned policy (step 2).
+    saved = checkpoints.restore() if checkpoints is not None else None
+    if saved is not None:
+        examples = [(prompt, completion) for prompt, completion in saved.data["examples"]]
+    else:
+        examples = labelled_examples(ctx, cfg)  # 1.-3.: the labelling policy, its solutions, their step labels
+        if checkpoints is not None:
+            checkpoints.save(1, {"examples": examples}, {})
+    if not examples:
         log.warning("RCRL: no solution with a step to learn from; the policy is unchanged")
         return None
 
@@ -294,12 +314,13 @@ def run(ctx: RunContext) -> EvalResult | None:
     _, bad_id = add_goal_tokens(ctx.model, ctx.tokenizer, seed)
 
     # 5. fine-tune the init policy on goal-conditioned solutions (the goal tokens are targets too)
-    examples = [
-        (ctx.build_prompt(s.problem.question), goal_conditioned(s.text, steps))
-        for s, steps in zip(solutions, labels, strict=True)
-    ]
-    params = finetune_params(ctx, lr=cfg.lr, epochs=cfg.epochs, max_steps=cfg.max_steps, seed=seed)
-    finetune(ctx.model, ctx.tokenizer, examples, params, ctx.tracker, metric_prefix="rcrl")
+    if saved is not None and saved.step >= 2:
+        saved.load_modules(policy=ctx.model)
+    else:
+        params = finetune_params(ctx, lr=cfg.lr, epochs=cfg.epochs, max_steps=cfg.max_steps, seed=seed)
+        finetune(ctx.model, ctx.tokenizer, examples, params, ctx.tracker, metric_prefix="rcrl")
+        if checkpoints is not None:
+            checkpoints.save(2, {"examples": examples}, {"policy": ctx.model})
 
     # 6. condition on [GOOD] at test time: the prompt opens the first step with it, and [BAD] is never sampled;
     #    the ORM (rerank@K) keeps scoring with the plain prompt it was trained on
