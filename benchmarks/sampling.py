@@ -1,17 +1,22 @@
 """Sampling throughput: our sampler (reasoning_rl.rollout.generate) beside transformers' `model.generate`.
 
-Both run in the same process on the same model, prompts and sampling settings; a large fp32 matmul measured in
-the same run says how fast the machine was at the time, so numbers from different runs can be put side by side.
-Tokens counted are generated tokens up to and including EOS (no padding, nothing after EOS).
+Both run in the same process on the same model, prompts and sampling settings, alternated; a large fp32 matmul
+measured in the same run says how fast the machine was at the time. "% of ceiling" is the sampler's useful matmul
+work per second (2 x the parameters of every linear layer, lm_head included, per generated token) over that
+measured matmul rate. Tokens counted are generated tokens up to and including EOS (no padding, nothing after EOS).
+``--plain`` adds our plain batched path (``generate(..., fast=False)``), the reference the fast path replaced.
+``--sweep-k 1,4,16,64`` / ``--sweep-questions 1,2,4,8`` print how our sampler's cost grows with K and with the
+number of questions (our fast path, with generate beside it where ``--sweep-baseline`` asks for it).
 
-    .venv/bin/python benchmarks/sampling.py --model smollm2_135m --num-prompts 8 --k 4 --max-new-tokens 64
-    .venv/bin/python benchmarks/sampling.py --model tiny
+    .venv/bin/python benchmarks/sampling.py --model smollm2_135m --num-prompts 4 --k 16 --max-new-tokens 256 \
+        --batch-size 64 --threads 2
+    .venv/bin/python benchmarks/sampling.py --model smollm2_135m --sweep-k 1,4,16,64 --num-prompts 1 --max-new-tokens 32
+    .venv/bin/python benchmarks/sampling.py --model tiny --shots 0
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import time
 from pathlib import Path
@@ -21,7 +26,9 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from reasoning_rl.config import ModelConfig, ModelSource
 from reasoning_rl.models import load_policy, resolve_device
+from reasoning_rl.prompts import build_prompt, pick_exemplars
 from reasoning_rl.rollout import SamplingParams, eos_token_ids, generate
+from reasoning_rl.tasks.gsm8k import read_gsm8k_jsonl
 
 REPO = Path(__file__).resolve().parents[1]
 MODELS = {
@@ -33,29 +40,34 @@ MODELS = {
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", choices=sorted(MODELS), default="smollm2_135m", help="which model to sample from")
-    p.add_argument("--num-prompts", type=int, default=8, help="distinct prompts (GSM8K test questions)")
-    p.add_argument("--k", type=int, default=4, help="samples per prompt")
+    p.add_argument("--num-prompts", type=int, default=4, help="distinct prompts (GSM8K test questions)")
+    p.add_argument("--shots", type=int, default=4, help="few-shot train exemplars per prompt (init=pretrained)")
+    p.add_argument("--k", type=int, default=16, help="samples per prompt")
     p.add_argument("--temperature", type=float, default=0.7, help="sampling temperature (0 = greedy)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass")
-    p.add_argument("--max-new-tokens", type=int, default=64, help="completion length limit")
-    p.add_argument("--batch-size", type=int, default=32, help="sequences decoded together (both samplers)")
+    p.add_argument("--max-new-tokens", type=int, default=256, help="completion length limit")
+    p.add_argument("--batch-size", type=int, default=64, help="sequences decoded together (every sampler)")
     p.add_argument("--data-dir", default="../shared/data/gsm8k", help="GSM8K jsonl directory, relative to the repo")
     p.add_argument("--cache-dir", default=".cache", help="where the converted GGUF is cached, relative to the repo")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--repeats", type=int, default=1, help="alternate the two samplers this often; report the best")
+    p.add_argument("--repeats", type=int, default=1, help="alternate the samplers this often; report the best")
+    p.add_argument("--plain", action="store_true", help="also time our plain path (generate(..., fast=False))")
+    p.add_argument("--sweep-k", default="", help="comma-separated K values: our cost as K grows")
+    p.add_argument("--sweep-questions", default="", help="comma-separated question counts: our cost as they grow")
+    p.add_argument("--sweep-baseline", action="store_true", help="time transformers generate in the sweeps too")
     return p.parse_args()
 
 
-def load_prompts(model: str, data_dir: Path, n: int) -> list[str]:
+def load_prompts(model: str, data_dir: Path, n: int, shots: int) -> list[str]:
+    """GSM8K test questions in the project's prompt format, with ``shots`` train exemplars (as init=pretrained)."""
     if model == "tiny":  # the tiny model is random: any short text will do
         rng = random.Random(0)
-        questions = [f"What is {rng.randint(1, 99)} plus {rng.randint(1, 99)}?" for _ in range(n)]
-    else:
-        with open(data_dir / "test.jsonl") as f:
-            questions = [json.loads(line)["question"] for line, _ in zip(f, range(n), strict=False)]
-    return [f"Question: {q}\nAnswer:" for q in questions]
+        return [f"Question: What is {rng.randint(1, 99)} plus {rng.randint(1, 99)}?\nAnswer:\n" for _ in range(n)]
+    test = read_gsm8k_jsonl(data_dir / "test.jsonl", "test")[:n]
+    exemplars = pick_exemplars(read_gsm8k_jsonl(data_dir / "train.jsonl", "train"), shots, 0) if shots else []
+    return [build_prompt(p.question, exemplars) for p in test]
 
 
 def count_generated(rows: list[list[int]], eos: frozenset[int]) -> int:
@@ -90,10 +102,20 @@ def hf_generate(
 
 def ours(
     model: PreTrainedModel, tok: PreTrainedTokenizerBase, prompts: list[str], params: SamplingParams, k: int,
-    batch_size: int, seed: int,
+    batch_size: int, seed: int, fast: bool = True,
 ) -> int:  # fmt: skip
-    out = generate(model, tok, prompts, params, num_samples=k, seed=seed, batch_size=batch_size)
+    out = generate(model, tok, prompts, params, num_samples=k, seed=seed, batch_size=batch_size, fast=fast)
     return sum(len(s.token_ids) for samples in out for s in samples)
+
+
+def ours_plain(*args) -> int:  # noqa: ANN002
+    return ours(*args, fast=False)
+
+
+def flops_per_token(model: torch.nn.Module) -> float:
+    """2 x the weights of every linear layer (a tied lm_head is one module, counted once): the matmul work of one
+    token. Attention over the context is left out, so the percentage below slightly understates the work done."""
+    return 2.0 * sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
 
 
 def matmul_gflops(device: torch.device, n: int = 2048, repeats: int = 5) -> float:
@@ -116,6 +138,20 @@ def timed(fn, *args) -> tuple[int, float]:  # noqa: ANN001
     return tokens, time.perf_counter() - start
 
 
+SAMPLERS = {"transformers generate": hf_generate, "reasoning_rl plain path": ours_plain, "reasoning_rl.rollout": ours}
+
+
+def compare(args: argparse.Namespace, model, tok, prompts, params, k, names, device) -> tuple[dict, list[float]]:  # noqa: ANN001
+    """Alternate the samplers ``args.repeats`` times; the matmul rate before and after each repeat."""
+    gflops = [matmul_gflops(device)]
+    runs: dict[str, list[tuple[int, float]]] = {name: [] for name in names}
+    for _ in range(args.repeats):  # alternate, so a slow spell of a shared machine hits all of them
+        for name in names:
+            runs[name].append(timed(SAMPLERS[name], model, tok, prompts, params, k, args.batch_size, args.seed))
+        gflops.append(matmul_gflops(device))
+    return runs, gflops
+
+
 def main() -> None:
     args = parse_args()
     if args.threads:
@@ -124,37 +160,60 @@ def main() -> None:
     start = time.perf_counter()
     model, tok = load_policy(MODELS[args.model], seed=0, cache_dir=REPO / args.cache_dir, device=device)
     load_s = time.perf_counter() - start
-    prompts = load_prompts(args.model, (REPO / args.data_dir).resolve(), args.num_prompts)
+    data_dir = (REPO / args.data_dir).resolve()
+    sweep_k = [int(x) for x in args.sweep_k.split(",") if x]
+    sweep_q = [int(x) for x in args.sweep_questions.split(",") if x]
+    prompts = load_prompts(args.model, data_dir, max([args.num_prompts, *sweep_q]), args.shots)
     params = SamplingParams(temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens)
     warm = SamplingParams(temperature=args.temperature, top_p=args.top_p, max_new_tokens=4)
     ours(model, tok, prompts[:2], warm, 2, args.batch_size, 0)  # warm-up: first calls pay one-off costs
     hf_generate(model, tok, prompts[:2], warm, 2, args.batch_size, 0)
-
-    gflops = [matmul_gflops(device)]
-    runs: dict[str, list[tuple[int, float]]] = {"transformers generate": [], "reasoning_rl.rollout": []}
-    for _ in range(args.repeats):  # alternate, so a slow spell of a shared machine hits both
-        runs["transformers generate"].append(timed(hf_generate, model, tok, prompts, params, args.k, args.batch_size,
-                                                   args.seed))  # fmt: skip
-        runs["reasoning_rl.rollout"].append(
-            timed(ours, model, tok, prompts, params, args.k, args.batch_size, args.seed)
-        )
-        gflops.append(matmul_gflops(device))
+    flops = flops_per_token(model)
 
     n_params = sum(p.numel() for p in model.parameters()) / 1e6
-    print(f"model={args.model} ({n_params:.1f}M params, loaded in {load_s:.1f}s) device={device} "
-          f"threads={torch.get_num_threads()} prompts={len(prompts)} k={args.k} T={args.temperature} "
+    prompt_tokens = [len(ids) for ids in tok(prompts[: args.num_prompts]).input_ids]
+    print(f"model={args.model} ({n_params:.1f}M params, {flops / 1e9:.3f} GFLOP/token, loaded in {load_s:.1f}s) "
+          f"device={device} threads={torch.get_num_threads()} prompts={args.num_prompts} shots={args.shots} "
+          f"(prompt tokens {min(prompt_tokens)}-{max(prompt_tokens)}) k={args.k} T={args.temperature} "
           f"top_p={args.top_p} max_new_tokens={args.max_new_tokens} batch={args.batch_size} "
           f"repeats={args.repeats}")  # fmt: skip
-    print("fp32 matmul 2048^3, GFLOP/s (before, after each repeat): " + ", ".join(f"{g:.1f}" for g in gflops))
-    print("| sampler | tokens | seconds (best) | tokens/s (best) | all runs, s |\n|---|---|---|---|---|")
-    best = {}
-    for name, results in runs.items():
-        tokens, seconds = min(results, key=lambda r: r[1] / r[0])
-        best[name] = tokens / seconds
-        all_runs = ", ".join(f"{s:.1f}" for _, s in results)
-        print(f"| {name} | {tokens} | {seconds:.1f} | {tokens / seconds:.1f} | {all_runs} |")
-    ratio = best["reasoning_rl.rollout"] / best["transformers generate"]
-    print(f"ratio (ours / generate, tokens/s): {ratio:.2f}x")
+    if not (sweep_k or sweep_q):
+        names = ["transformers generate", *(["reasoning_rl plain path"] if args.plain else []), "reasoning_rl.rollout"]
+        runs, gflops = compare(args, model, tok, prompts[: args.num_prompts], params, args.k, names, device)
+        ceiling = max(gflops)
+        print("fp32 matmul 2048^3, GFLOP/s (before, after each repeat): " + ", ".join(f"{g:.1f}" for g in gflops))
+        print(f"ceiling: {ceiling:.1f} GFLOP/s = {ceiling * 1e9 / flops:.0f} tokens/s at {flops / 1e9:.3f} GFLOP/token")
+        print("| sampler | tokens | seconds (best) | tokens/s (best) | % of ceiling | all runs, s |")
+        print("|---|---|---|---|---|---|")
+        best = {}
+        for name, results in runs.items():
+            tokens, seconds = min(results, key=lambda r: r[1] / r[0])
+            best[name] = tokens / seconds
+            all_runs = ", ".join(f"{s:.1f}" for _, s in results)
+            pct = 100 * best[name] * flops / (ceiling * 1e9)
+            print(f"| {name} | {tokens} | {seconds:.1f} | {best[name]:.1f} | {pct:.0f}% | {all_runs} |")
+        for name in names[1:]:
+            print(f"ratio ({name} / transformers generate, tokens/s): "
+                  f"{best[name] / best['transformers generate']:.2f}x")  # fmt: skip
+        return
+    names = (["transformers generate"] if args.sweep_baseline else []) + ["reasoning_rl.rollout"]
+    rows = [(k, args.num_prompts) for k in sweep_k] + [(args.k, q) for q in sweep_q]
+    head = " | ".join(f"{n} s | {n} tokens/s" for n in names)
+    print(f"| K | questions | sequences | tokens | {head} |" + (" ratio |" if len(names) > 1 else ""))
+    print("|---" * (4 + 2 * len(names) + (len(names) > 1)) + "|")
+    gflops = []
+    for k, q in rows:
+        runs, g = compare(args, model, tok, prompts[:q], params, k, names, device)
+        gflops += g
+        best = {n: min(r, key=lambda x: x[1] / x[0]) for n, r in runs.items()}
+        cells = " | ".join(f"{best[n][1]:.1f} | {best[n][0] / best[n][1]:.1f}" for n in names)
+        ratio = ""
+        if len(names) > 1:
+            rates = [best[n][0] / best[n][1] for n in names]
+            ratio = f" {rates[1] / rates[0]:.2f}x |"
+        print(f"| {k} | {q} | {k * q} | {best[names[-1]][0]} | {cells} |{ratio}")
+    print(f"fp32 matmul GFLOP/s during the sweep: {min(gflops):.1f}-{max(gflops):.1f} "
+          f"(ceiling {max(gflops) * 1e9 / flops:.0f} tokens/s)")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -1,0 +1,390 @@
+"""The fast sampling path for Llama-architecture models: shared-prefix attention and continuous batching.
+
+What the profile of the plain path (:class:`reasoning_rl.rollout._Decoder`) showed on SmolLM2-135M with 4-shot
+GSM8K prompts (~950 tokens), K = 16, batch 32, one CPU thread: 34 % of the time in attention (SDPA), 51 % in the
+linear layers, 5 % in ``torch.multinomial``. Attention was expensive because every one of a prompt's K copies
+carried its own copy of the prompt's KV cache (~1.1 MB per layer per row), so each step read K times the same ~1,000
+cached positions. This path changes three things and keeps the model's own modules (projections, norms, rotary
+embedding, MLP) so the arithmetic is the model's:
+
+1. **Shared prefix.** A prompt is prefilled once and its KV cache is stored once, in a table of prefixes. At each
+   step the queries of all of a prompt's live samples are stacked and multiplied with that one prefix cache (one
+   matmul reads it once, however many samples share it); each sample's own generated tokens have a small per-row
+   cache. The two partial softmaxes are merged exactly with the log-sum-exp rule (as in FlashAttention's blocks).
+2. **Continuous batching.** A fixed number of slots (``batch_size``) decode together. A sample that stops leaves
+   its slot at once (the last live row moves into the hole, copying only that row's cache) and the next waiting
+   sample takes it; a prompt is prefilled when its first sample is admitted. One long sample no longer holds a
+   whole batch, and no step computes rows that have finished.
+3. **Fewer, larger operations.** The q/k/v and gate/up projections are fused into one matmul each (weights
+   concatenated once per call), the decode step skips transformers' mask construction and cache bookkeeping, and
+   sampling draws one uniform number per row (see ``rollout.sample_next_token``).
+
+Prefill still runs the model's own forward (transformers' code) on the padded distinct prompts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+from transformers import PreTrainedModel
+from transformers.models.llama.modeling_llama import LlamaAttention, apply_rotary_pos_emb
+
+from reasoning_rl.rollout import Sample, _Decoder, new_cache, sample_next_token
+
+PREFILL_CHUNK = 8  # distinct prompts prefilled together: bounds the prefill's activation memory
+
+
+def supports_fast_path(model: nn.Module) -> bool:
+    """Plain Llama decoder stacks (the tiny model, SmolLM2, Llama-2): full attention everywhere, no sliding window."""
+    inner = getattr(model, "model", None)
+    layers = getattr(inner, "layers", None)
+    return (
+        getattr(getattr(model, "config", None), "model_type", None) == "llama"
+        and hasattr(model, "lm_head")
+        and layers is not None
+        and len(layers) > 0
+        and all(isinstance(layer.self_attn, LlamaAttention) for layer in layers)
+        and hasattr(inner, "rotary_emb")
+    )
+
+
+def _fused(linears: list[nn.Module]) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """Concatenated weight (and bias) of plain ``nn.Linear`` layers; None when one is wrapped (e.g. LoRA)."""
+    if not all(type(lin) is nn.Linear for lin in linears):
+        return None
+    weight = torch.cat([lin.weight for lin in linears])  # (sum of out_features, in_features)
+    biases = [lin.bias for lin in linears]
+    if all(b is None for b in biases):
+        return weight, None
+    zeros = [weight.new_zeros(lin.out_features) for lin in linears]
+    bias = torch.cat([b if b is not None else z for b, z in zip(biases, zeros, strict=True)])
+    return weight, bias
+
+
+@dataclass
+class _Layer:
+    """One decoder layer's modules, with q/k/v and gate/up fused when they are plain linear layers."""
+
+    input_norm: nn.Module
+    qkv: Callable[[torch.Tensor], torch.Tensor]  # (N, hidden) -> (N, (H + 2 * KVH) * D)
+    o_proj: nn.Module
+    post_norm: nn.Module
+    gate_up: Callable[[torch.Tensor], torch.Tensor]  # (N, hidden) -> (N, 2 * intermediate)
+    act: Callable[[torch.Tensor], torch.Tensor]
+    down_proj: nn.Module
+
+
+def _linear_fn(mods: list[nn.Module]) -> Callable[[torch.Tensor], torch.Tensor]:
+    fused = _fused(mods)
+    if fused is not None:
+        weight, bias = fused
+        return lambda x: nn.functional.linear(x, weight, bias)
+    return lambda x: torch.cat([m(x) for m in mods], dim=-1)
+
+
+class LlamaStepper:
+    """One decoding step of a Llama stack for N rows, each row attending to its prompt's shared prefix cache and to
+    its own generated tokens. Holds the caches:
+
+    - prefix table, per layer: keys/values ``(G, KVH, L, D)`` for G group slots (one prompt each), positions past a
+      prompt's length masked;
+    - suffix cache, per layer: keys/values ``(slots, KVH, max_new_tokens, D)``; row r's first ``suffix_len[r]``
+      positions are filled.
+    """
+
+    def __init__(self, model: PreTrainedModel, slots: int, max_prefix: int, max_new_tokens: int) -> None:
+        self.model = model
+        cfg = model.config
+        self.num_heads = cfg.num_attention_heads
+        self.num_kv = cfg.num_key_value_heads
+        self.rep = self.num_heads // self.num_kv
+        attn0 = model.model.layers[0].self_attn
+        self.head_dim = attn0.head_dim
+        self.scaling = attn0.scaling
+        param = next(model.parameters())
+        self.device, self.dtype = param.device, param.dtype
+        self.layers = [
+            _Layer(
+                input_norm=layer.input_layernorm,
+                qkv=_linear_fn([layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj]),
+                o_proj=layer.self_attn.o_proj,
+                post_norm=layer.post_attention_layernorm,
+                gate_up=_linear_fn([layer.mlp.gate_proj, layer.mlp.up_proj]),
+                act=layer.mlp.act_fn,
+                down_proj=layer.mlp.down_proj,
+            )
+            for layer in model.model.layers
+        ]
+        n_layers, kv, d = len(self.layers), self.num_kv, self.head_dim
+        self.suffix_k = [torch.zeros(slots, kv, max_new_tokens, d, dtype=self.dtype, device=self.device)
+                         for _ in range(n_layers)]  # fmt: skip
+        self.suffix_v = [torch.zeros_like(t) for t in self.suffix_k]
+        self.max_prefix = max_prefix
+        self.group_capacity = 0
+        self.prefix_k: list[torch.Tensor] = []
+        self.prefix_v: list[torch.Tensor] = []
+        self.prefix_bias = torch.zeros(0, max_prefix, device=self.device)  # (G, L): 0 on a prompt, very negative past
+        self.neg = torch.finfo(torch.float32).min / 2  # finite, so a fully masked padding query gives no NaN
+        self._grow_groups(max(1, slots // 4))
+
+    # ---------------------------------------------------------------------------------------------- prefix table
+
+    def _grow_groups(self, capacity: int) -> None:
+        old = self.group_capacity
+        shape = (capacity, self.num_kv, self.max_prefix, self.head_dim)
+        new_k = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in self.layers]
+        new_v = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in self.layers]
+        for dst, src in zip(new_k + new_v, self.prefix_k + self.prefix_v, strict=False):  # none on the first call
+            dst[:old] = src
+        self.prefix_k, self.prefix_v = new_k, new_v
+        bias = torch.full((capacity, self.max_prefix), self.neg, device=self.device)
+        bias[:old] = self.prefix_bias
+        self.prefix_bias = bias
+        self.group_capacity = capacity
+
+    def prefill(self, prompts: list[list[int]], group_slots: list[int], pad_id: int) -> torch.Tensor:
+        """Run the model's forward on the distinct ``prompts`` (left-padded), store each one's KV cache in its group
+        slot, and return the logits of each prompt's last position, (U, V)."""
+        if max(group_slots) >= self.group_capacity:
+            self._grow_groups(max(max(group_slots) + 1, 2 * self.group_capacity))
+        width = max(len(ids) for ids in prompts)
+        input_ids = torch.tensor([[pad_id] * (width - len(ids)) + ids for ids in prompts], device=self.device)
+        mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in prompts], device=self.device)
+        position_ids = (mask.cumsum(-1) - 1).clamp(min=0)  # (U, T): 0 at each prompt's first real token
+        cache = new_cache(self.model, width)
+        out = self.model(
+            input_ids=input_ids, attention_mask=mask, position_ids=position_ids, past_key_values=cache,
+            use_cache=True, logits_to_keep=1,
+        )  # fmt: skip
+        for layer_index in range(len(self.layers)):
+            keys, values = cache.layers[layer_index].keys, cache.layers[layer_index].values  # (U, KVH, T, D)
+            for u, (ids, g) in enumerate(zip(prompts, group_slots, strict=True)):
+                n = len(ids)  # the prompt sits in the last n columns (left padding)
+                self.prefix_k[layer_index][g, :, :n] = keys[u, :, width - n :]
+                self.prefix_v[layer_index][g, :, :n] = values[u, :, width - n :]
+        for ids, g in zip(prompts, group_slots, strict=True):
+            self.prefix_bias[g] = self.neg
+            self.prefix_bias[g, : len(ids)] = 0.0
+        return out.logits[:, -1].float()  # (U, V)
+
+    # ----------------------------------------------------------------------------------------------- row moves
+
+    def move_rows(self, src: torch.Tensor, dst: torch.Tensor, length: int) -> None:
+        """Copy the suffix cache of rows ``src`` into rows ``dst`` (first ``length`` positions)."""
+        for cache in self.suffix_k + self.suffix_v:
+            cache[dst, :, :length] = cache[src, :, :length]
+
+    # ------------------------------------------------------------------------------------------------- the step
+
+    def step(
+        self,
+        tokens: torch.Tensor,  # (N,) the rows' last sampled tokens
+        positions: torch.Tensor,  # (N,) their positions (prompt length + tokens generated before them)
+        suffix_len: torch.Tensor,  # (N,) generated tokens already in each row's suffix cache
+        layout: torch.Tensor,  # (N,) row -> g * kmax + j: its place among the queries of its group slot g
+        num_groups: int,  # group slots 0..num_groups-1 take part (some may be idle)
+        kmax: int,  # the most live rows any group has
+        prefix_len: int,  # the longest prompt among them
+        suffix_width: int,  # max(suffix_len) + 1
+    ) -> torch.Tensor:
+        """Logits of the next token for each row, (N, V); writes the rows' tokens into their suffix caches."""
+        n = tokens.shape[0]
+        h, kvh, d, rep = self.num_heads, self.num_kv, self.head_dim, self.rep
+        rows = torch.arange(n, device=self.device)
+        hidden = self.model.model.embed_tokens(tokens)  # (N, hidden)
+        cos, sin = self.model.model.rotary_emb(hidden[:, None], positions[:, None])  # (N, 1, D)
+        # Additive masks: the suffix positions a row has not filled yet, and each prompt's padding.
+        suffix_bias = torch.where(
+            torch.arange(suffix_width, device=self.device)[None] <= suffix_len[:, None], 0.0, self.neg
+        )[:, None, None]  # (N, 1, 1, S)
+        prefix_bias = self.prefix_bias[:num_groups, None, None, :prefix_len]  # (G, 1, 1, L)
+        for li, layer in enumerate(self.layers):
+            residual = hidden
+            x = layer.input_norm(hidden)
+            qkv = layer.qkv(x)  # (N, (H + 2 KVH) D)
+            q = qkv[:, : h * d].view(n, h, 1, d)
+            k = qkv[:, h * d : (h + kvh) * d].view(n, kvh, 1, d)
+            v = qkv[:, (h + kvh) * d :].view(n, kvh, d)
+            q, k = apply_rotary_pos_emb(q, k, cos, sin)  # (N, H, 1, D), (N, KVH, 1, D)
+            self.suffix_k[li][rows, :, suffix_len] = k[:, :, 0]
+            self.suffix_v[li][rows, :, suffix_len] = v
+            attn = self._attend(q.view(n, kvh, rep, d), li, layout, num_groups, kmax, prefix_len, suffix_width,
+                                prefix_bias, suffix_bias)  # fmt: skip
+            hidden = residual + layer.o_proj(attn.reshape(n, h * d))
+            residual = hidden
+            gate, up = layer.gate_up(layer.post_norm(hidden)).chunk(2, dim=-1)
+            hidden = residual + layer.down_proj(layer.act(gate) * up)
+        hidden = self.model.model.norm(hidden)
+        return self.model.lm_head(hidden).float()  # (N, V)
+
+    def _attend(
+        self, q: torch.Tensor, li: int, layout: torch.Tensor, num_groups: int, kmax: int, prefix_len: int,
+        suffix_width: int, prefix_bias: torch.Tensor, suffix_bias: torch.Tensor,
+    ) -> torch.Tensor:  # fmt: skip
+        """softmax over [prefix; suffix] of q.k, times the values, for q (N, KVH, rep, D) -> (N, KVH, rep, D)."""
+        n, kvh, rep, d = q.shape
+        # Suffix: each row against its own generated tokens.
+        suffix_k = self.suffix_k[li][:n, :, :suffix_width]  # (N, KVH, S, D)
+        suffix_v = self.suffix_v[li][:n, :, :suffix_width]
+        s_suf = torch.matmul(q, suffix_k.transpose(-1, -2)) * self.scaling + suffix_bias  # (N, KVH, rep, S)
+        # Prefix: the queries of a group's rows side by side, against the group's one copy of the prompt cache.
+        q_groups = q.new_zeros(num_groups * kmax, kvh, rep, d)
+        q_groups[layout] = q
+        q_groups = q_groups.view(num_groups, kmax, kvh, rep, d).transpose(1, 2).reshape(num_groups, kvh, kmax * rep, d)
+        prefix_k = self.prefix_k[li][:num_groups, :, :prefix_len]  # (G, KVH, L, D)
+        prefix_v = self.prefix_v[li][:num_groups, :, :prefix_len]
+        s_pre = torch.matmul(q_groups, prefix_k.transpose(-1, -2)) * self.scaling + prefix_bias  # (G, KVH, kmax rep, L)
+        m_pre = s_pre.amax(-1, keepdim=True)  # (G, KVH, kmax rep, 1)
+        p_pre = torch.exp(s_pre - m_pre)
+        o_pre = torch.matmul(p_pre, prefix_v)  # (G, KVH, kmax rep, D): unnormalised
+        stats = torch.cat([o_pre, m_pre, p_pre.sum(-1, keepdim=True)], dim=-1)  # (G, KVH, kmax rep, D + 2)
+        stats = (
+            stats.view(num_groups, kvh, kmax, rep, d + 2).transpose(1, 2).reshape(num_groups * kmax, kvh, rep, d + 2)
+        )
+        stats = stats[layout]  # (N, KVH, rep, D + 2): back to row order
+        o_pre, m_pre, l_pre = stats[..., :d], stats[..., d : d + 1], stats[..., d + 1 :]
+        # Merge the two partial softmaxes: rescale both to the joint maximum.
+        m = torch.maximum(m_pre, s_suf.amax(-1, keepdim=True))  # (N, KVH, rep, 1)
+        p_suf = torch.exp(s_suf - m)
+        scale_pre = torch.exp(m_pre - m)
+        out = o_pre * scale_pre + torch.matmul(p_suf, suffix_v)  # (N, KVH, rep, D)
+        return out / (l_pre * scale_pre + p_suf.sum(-1, keepdim=True))
+
+
+class ContinuousBatcher:
+    """Decodes a queue of rows (prompt, sample) in ``slots`` slots: finished rows leave at once, waiting rows take
+    their place, and a prompt is prefilled when its first row enters."""
+
+    def __init__(self, decoder: _Decoder, prompt_ids: list[list[int]], rows: list[tuple[int, int]], slots: int) -> None:
+        self.decoder, self.prompt_ids, self.rows, self.slots = decoder, prompt_ids, rows, slots
+        params = decoder.params
+        max_prefix = max(len(prompt_ids[i]) for i, _ in rows)
+        self.stepper = LlamaStepper(decoder.model, slots, max_prefix, params.max_new_tokens)
+        self.pending_of_prompt: dict[int, int] = {}  # prompt -> rows not yet admitted
+        for i, _ in rows:
+            self.pending_of_prompt[i] = self.pending_of_prompt.get(i, 0) + 1
+        self.group_of_prompt: dict[int, int] = {}  # prompt -> its slot in the prefix table, while it has rows
+        self.live_of_group: dict[int, int] = {}  # group slot -> live rows
+        self.free_groups: list[int] = []  # released group slots, reused lowest first
+        self.next_group = 0
+        self.prompt_logits: dict[int, torch.Tensor] = {}  # prompt -> its prefill logits (V,), for later rows
+
+    def _take_group(self) -> int:
+        if self.free_groups:
+            self.free_groups.sort()
+            return self.free_groups.pop(0)
+        self.next_group += 1
+        return self.next_group - 1
+
+    def _admit(self, new_rows: list[int]) -> list[torch.Tensor]:
+        """Prefill the prompts of ``new_rows`` that have no cache yet; return each new row's first logits."""
+        need = list(dict.fromkeys(self.rows[r][0] for r in new_rows if self.rows[r][0] not in self.group_of_prompt))
+        for start in range(0, len(need), PREFILL_CHUNK):
+            chunk = need[start : start + PREFILL_CHUNK]
+            groups = [self._take_group() for _ in chunk]
+            logits = self.stepper.prefill([self.prompt_ids[i] for i in chunk], groups, self.decoder.pad_id)
+            for i, g, row_logits in zip(chunk, groups, logits, strict=True):
+                self.group_of_prompt[i], self.live_of_group[g], self.prompt_logits[i] = g, 0, row_logits
+        out = []
+        for r in new_rows:
+            i = self.rows[r][0]
+            self.pending_of_prompt[i] -= 1
+            self.live_of_group[self.group_of_prompt[i]] += 1
+            out.append(self.prompt_logits[i])
+        return out
+
+    def _release(self, r: int) -> None:
+        i = self.rows[r][0]
+        g = self.group_of_prompt[i]
+        self.live_of_group[g] -= 1
+        if self.live_of_group[g] == 0 and self.pending_of_prompt[i] == 0:  # no row needs this prompt any more
+            del self.group_of_prompt[i], self.live_of_group[g], self.prompt_logits[i]
+            self.free_groups.append(g)
+
+    def _layout(self, live: list[int]) -> tuple[torch.Tensor, int, int, int]:
+        """Each live row's place among its group's queries, and the group count, kmax and longest prompt."""
+        rank: dict[int, int] = {}
+        places = []
+        for r in live:
+            g = self.group_of_prompt[self.rows[r][0]]
+            places.append((g, rank.get(g, 0)))
+            rank[g] = rank.get(g, 0) + 1
+        kmax, num_groups = max(rank.values()), max(rank) + 1
+        layout = torch.tensor([g * kmax + j for g, j in places], device=self.stepper.device)
+        prefix_len = max(len(self.prompt_ids[self.rows[r][0]]) for r in live)
+        return layout, num_groups, kmax, prefix_len
+
+    def run(self, bar: tqdm) -> list[Sample]:
+        dec, params = self.decoder, self.decoder.params
+        tokens: list[list[int]] = [[] for _ in self.rows]
+        logprobs: list[list[float]] = [[] for _ in self.rows]
+        finish: list[str | None] = [None] * len(self.rows)
+        pending = list(range(len(self.rows)))[::-1]  # a stack: pop() gives the next row in order
+        live: list[int] = []  # slot -> row
+        logits = torch.empty(0, device=self.stepper.device)
+        token = torch.empty(0, dtype=torch.long, device=self.stepper.device)
+        layout_state = None
+        banned = torch.tensor(params.banned_token_ids, dtype=torch.long, device=self.stepper.device)
+        while True:
+            # 1. waiting rows take the free slots
+            free = self.slots - len(live)
+            if free and pending:
+                new_rows = [pending.pop() for _ in range(min(free, len(pending)))]
+                new_logits = torch.stack(self._admit(new_rows))  # (new, V)
+                logits = torch.cat([logits, new_logits]) if live else new_logits
+                live += new_rows
+                layout_state = None
+            if not live:
+                break
+            # 2. sample every live row's next token
+            if params.banned_token_ids:
+                logits = logits.index_fill(-1, banned, float("-inf"))
+            token = sample_next_token(logits, params.temperature, params.top_p, dec.generator)  # (N,)
+            token_logprob = torch.log_softmax(logits, dim=-1).gather(-1, token[:, None]).squeeze(-1)  # (N,)
+            step_tokens, step_logprobs = torch.stack([token.double(), token_logprob.double()]).tolist()
+            newly_done = dec._record(live, step_tokens, step_logprobs, tokens, logprobs, finish)
+            for r in live:
+                if finish[r] is None and len(tokens[r]) == params.max_new_tokens:
+                    finish[r] = "length"
+                    newly_done += 1
+            bar.update(newly_done)
+            # 3. finished rows leave; the last live rows move into their slots
+            if newly_done:
+                token, live = self._compact(live, token, finish, tokens)
+                layout_state = None
+            if not live:
+                continue
+            # 4. one decoding step for the live rows
+            if layout_state is None:
+                layout_state = self._layout(live)
+            suffix_len = torch.tensor([len(tokens[r]) - 1 for r in live], device=self.stepper.device)  # (N,)
+            prompt_len = torch.tensor([len(self.prompt_ids[self.rows[r][0]]) for r in live], device=suffix_len.device)
+            layout, num_groups, kmax, prefix_len = layout_state
+            logits = self.stepper.step(token, prompt_len + suffix_len, suffix_len, layout, num_groups, kmax,
+                                       prefix_len, int(suffix_len.max()) + 1)  # fmt: skip
+        return [dec._sample(t, lp, f or "length") for t, lp, f in zip(tokens, logprobs, finish, strict=True)]
+
+    def _compact(
+        self, live: list[int], token: torch.Tensor, finish: list[str | None], tokens: list[list[int]]
+    ) -> tuple[torch.Tensor, list[int]]:
+        """Drop finished rows: the live rows past the new end move into the holes (only their caches are copied)."""
+        done = [s for s, r in enumerate(live) if finish[r] is not None]
+        for s in done:
+            self._release(live[s])
+        end = len(live) - len(done)
+        holes = [s for s in done if s < end]
+        movers = [s for s in range(end, len(live)) if finish[live[s]] is None]
+        order = list(range(end))
+        for h, m in zip(holes, movers, strict=True):
+            order[h] = m
+        if holes:
+            # A mover's cache holds the tokens generated before its newest one.
+            length = max(len(tokens[live[m]]) - 1 for m in movers)
+            device = self.stepper.device
+            self.stepper.move_rows(torch.tensor(movers, device=device), torch.tensor(holes, device=device), length)
+        index = torch.tensor(order, dtype=torch.long, device=token.device)
+        return token[index], [live[s] for s in order]
