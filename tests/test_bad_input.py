@@ -12,8 +12,10 @@ import json
 import os
 import re
 import runpy
+import signal
 import subprocess
 import sys
+import time
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -136,6 +138,9 @@ def run_forked(args: list[str], cwd: Path) -> tuple[int, str]:
             sys.stderr = open(2, "w", buffering=1, closefd=False)  # noqa: SIM115
             os.chdir(cwd)
             os.environ.update({"HF_HUB_OFFLINE": "1", "REASONING_RL_THREADS": "1"})
+            import torch
+
+            torch.set_num_threads(1)  # no OpenMP thread pool in a forked child
             from hydra.core.global_hydra import GlobalHydra
 
             GlobalHydra.instance().clear()  # a test before this one may have composed configs in the parent
@@ -150,8 +155,14 @@ def run_forked(args: list[str], cwd: Path) -> tuple[int, str]:
             sys.stdout.flush()
             sys.stderr.flush()
             os._exit(code)
-    _, status = os.waitpid(pid, 0)
-    return os.waitstatus_to_exitcode(status), log.read_text()
+    deadline = time.monotonic() + 300  # a case hangs only if something is badly wrong: fail it, do not hang CI
+    while (waited := os.waitpid(pid, os.WNOHANG)) == (0, 0):
+        if time.monotonic() > deadline:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            pytest.fail(f"main.py {' '.join(args)} did not finish in 300 s:\n{log.read_text()[-3000:]}")
+        time.sleep(0.01)
+    return os.waitstatus_to_exitcode(waited[1]), log.read_text()
 
 
 def message(output: str, tmp: Path) -> str:
