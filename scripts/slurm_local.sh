@@ -12,6 +12,7 @@ start() {
     for tool in munged mungekey slurmctld slurmd sinfo; do
         command -v "$tool" >/dev/null || { echo "slurm_local.sh: $tool not found: apt-get install -y slurm-wlm munge" >&2; exit 1; }
     done
+    stop  # a cluster this script started before (a second `start`) gives way to the new one
     mkdir -p "$DIR"/{ctld,d,log} /etc/slurm /etc/munge /run/munge /var/lib/munge /var/log/munge
     [ -s /etc/munge/munge.key ] || mungekey -c -f
     # root-owned directories make munged refuse to start without --force; this is a throwaway single-user cluster
@@ -57,7 +58,10 @@ CONF
 stop() {
     for name in slurmd.daemon slurmctld.daemon munged; do
         if [ -s "$DIR/$name.pid" ]; then
-            kill "$(cat "$DIR/$name.pid")" 2>/dev/null || true
+            local pid
+            pid=$(cat "$DIR/$name.pid")
+            kill "$pid" 2>/dev/null || true
+            for _ in $(seq 20); do kill -0 "$pid" 2>/dev/null || break; sleep 0.5; done
             rm -f "$DIR/$name.pid"
         fi
     done

@@ -25,7 +25,10 @@ def default_partition() -> tuple[str | None, str]:
             None,
             "no Slurm client on PATH (Debian: apt-get install slurm-wlm munge; bash scripts/slurm_local.sh start)",
         )
-    info = subprocess.run(["sinfo", "-h", "-o", "%P %a %t"], capture_output=True, text=True, timeout=30)
+    try:
+        info = subprocess.run(["sinfo", "-h", "-o", "%P %a %t"], capture_output=True, text=True, timeout=20)
+    except subprocess.TimeoutExpired:
+        return None, "sinfo got no answer from a Slurm controller in 20 s (bash scripts/slurm_local.sh start)"
     if info.returncode != 0:
         return None, f"no Slurm controller answers sinfo: {info.stderr.strip()} (bash scripts/slurm_local.sh start)"
     for line in info.stdout.splitlines():
