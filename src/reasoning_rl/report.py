@@ -191,6 +191,7 @@ def to_latex(table: pd.DataFrame, caption: str) -> str:
 def plot_curves(curves: pd.DataFrame, x: str, path: Path, title: str, xlabel: str) -> Path:
     """maj@1 (solid) and pass@K (dashed) against ``x``, one colour per (row, init, model), mean over seeds."""
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")  # files only, no display
     import matplotlib.pyplot as plt
@@ -207,6 +208,7 @@ def plot_curves(curves: pd.DataFrame, x: str, path: Path, title: str, xlabel: st
                 axis.plot(line[x], line["pass@K"], linestyle="--", color=drawn.get_color(), alpha=0.6,
                           label=f"{row} ({init}, {model}) pass@K")  # fmt: skip
     axis.set(title=title, xlabel=xlabel, ylabel="accuracy (test)")
+    axis.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))  # rounds, steps and samples are counts
     axis.grid(alpha=0.3)
     if axis.get_legend_handles_labels()[0]:
         axis.legend(fontsize=7)
