@@ -253,6 +253,9 @@ def test_init_baselines_sweep_runs_both_rows(tmp_path):
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900, env=env)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     client = mlflow.tracking.MlflowClient(tracking_uri=uri)
-    runs = client.search_runs([client.get_experiment_by_name("reasoning-rl").experiment_id])
+    found = client.search_runs([client.get_experiment_by_name("reasoning-rl").experiment_id])
+    (parent,) = [r for r in found if r.data.tags.get("sweep") == "parent"]  # the multirun's parent (sweep.py)
+    runs = [r for r in found if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
     assert sorted(r.data.tags["init"] for r in runs) == ["pretrained", "sft"]
+    assert parent.data.tags["sweep/axes"] == "init" and all(r.data.tags["sweep/job"] in ("0", "1") for r in runs)
     assert all(r.info.status == "FINISHED" and "eval/maj_at_1" in r.data.metrics for r in runs)
