@@ -56,6 +56,11 @@ CASES = [
     Case("`algo=rcrl reward=dense`", ["algo=rcrl", "reward=dense"], ["algo=rcrl cannot use reward=dense"]),
     Case("`eval.max_new_tokens=1000` (tiny: `max_seq_len=384`)", ["eval.max_new_tokens=1000"], ["model.max_seq_len"]),
     Case("`algo=ppo algo.steps=0`", ["algo=ppo", "algo.steps=0"], ["algo.steps=0 must be >= 1"]),
+    Case(
+        "`algo=ei reward=orm orm.n_questions=1` (no ORM can be built)",
+        ["algo=ei", "reward=orm", "orm.n_questions=1", "orm.num_samples=1", "orm.max_new_tokens=8", "init.n_shots=0"],
+        ["the ORM needs samples of at least 2 questions", "orm.n_questions"],
+    ),
     Case("`checkpoint_every=-1`", ["checkpoint_every=-1"], ["checkpoint_every=-1"]),
     Case("`task.operations=/`", ["task.operations=/"], ["task.operations='/'"]),
     Case(
@@ -166,13 +171,14 @@ def run_forked(args: list[str], cwd: Path) -> tuple[int, str]:
 
 
 def message(output: str, tmp: Path) -> str:
-    """The error as the table shows it: the output without log lines and Hydra's stack-trace hint, with the paths
+    """The error as the table shows it: the output without log lines, progress bars and Hydra's hint, with the paths
     that differ between machines (the case's directory, the project, a run key) replaced by placeholders."""
     output = re.sub(
         r"runs/[0-9a-f]{16}", "runs/<key>", output.replace(str(tmp), "<tmp>").replace(str(ROOT), "<project>")
     )
     lines = [line.strip() for line in output.splitlines()]
-    lines = [line for line in lines if line and not line.startswith("[") and "HYDRA_FULL_ERROR" not in line]
+    noise = ("HYDRA_FULL_ERROR", "%|")  # Hydra's stack-trace hint, progress bars of work done before the error
+    lines = [line for line in lines if line and not line.startswith("[") and not any(n in line for n in noise)]
     return " ".join(lines).removeprefix("Error: ")
 
 

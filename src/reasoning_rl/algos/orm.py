@@ -28,6 +28,7 @@ from safetensors.torch import load_file, save_file
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from reasoning_rl.algos.sft import IGNORE_INDEX, finetune
+from reasoning_rl.config import ConfigError
 from reasoning_rl.metrics import mean, roc_auc
 from reasoning_rl.models import TORCH_DTYPES, load_checkpoint, save_checkpoint
 from reasoning_rl.prompts import STOP_STRINGS
@@ -120,7 +121,10 @@ def split_questions(problem_ids: Sequence[str], heldout_fraction: float, seed: i
     """A seeded (train, held-out) split of the distinct question ids; at least one question on each side."""
     ids = sorted(set(problem_ids))
     if len(ids) < 2:
-        raise ValueError(f"the ORM needs samples of at least 2 questions to hold some out, got {len(ids)}.")
+        raise ConfigError(  # a user error: no ORM can be built from these settings
+            f"the ORM needs samples of at least 2 questions to hold some out, got {len(ids)}; raise orm.n_questions "
+            "(or task.n_train)."
+        )
     num_heldout = min(len(ids) - 1, max(1, round(heldout_fraction * len(ids))))
     heldout = set(random.Random(seed).sample(ids, num_heldout))
     return set(ids) - heldout, heldout
