@@ -15,7 +15,7 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-from reasoning_rl.checkpointing import Checkpointer, join_tensors, run_key, split_tensors
+from reasoning_rl.checkpointing import Checkpointer, join_tensors, run_key, split_tensors, stop_if_not_finite
 from reasoning_rl.config import register_configs, to_experiment
 from reasoning_rl.experiment import resolve_paths, run_experiment
 from reasoning_rl.tracking import NullTracker
@@ -127,6 +127,18 @@ def test_nan_in_ppo_stops_at_its_step_and_keeps_the_last_good_checkpoint(tmp_pat
         run_experiment(cfg, NullTracker(), base_dir=tmp_path, output_dir=tmp_path / "out2", checkpoints=checkpoints)
     assert json.loads((tmp_path / "state.json").read_text())["step"] == 1
     assert (tmp_path / "ckpt-000001" / "policy.safetensors").read_bytes() == good
+
+
+def test_a_nan_loss_in_an_ei_round_names_the_round_and_the_kept_checkpoint(tmp_path):
+    module, _ = stepped_adamw()
+    checkpoints = Checkpointer(tmp_path, every=1, restore=True)
+    checkpoints.save(3, {}, {"policy": module})
+    expected = r"EI round 4: ei loss became nan at step 2\. The run stops here; kept: the checkpoint after step 3, "
+    with pytest.raises(FloatingPointError, match=expected), stop_if_not_finite("EI round 4", checkpoints):
+        raise FloatingPointError("ei loss became nan at step 2.")  # what finetune raises
+    with stop_if_not_finite("EI round 5", checkpoints):
+        pass  # nothing raised, nothing changed
+    assert checkpoints.restore().step == 3
 
 
 def test_an_ei_round_with_no_good_sample_is_logged_not_a_crash(tmp_path, caplog):

@@ -30,7 +30,8 @@ import os
 import random
 import shutil
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -234,6 +235,17 @@ class Checkpointer:
                 shutil.rmtree(old, ignore_errors=True)
         log.info("checkpoint after step %d: %s", step, final)
         return final
+
+
+@contextmanager
+def stop_if_not_finite(where: str, checkpoints: Checkpointer | None) -> Iterator[None]:
+    """Re-raise a FloatingPointError (a NaN or infinite loss) naming ``where`` and the checkpoint a rerun would
+    resume from: the poisoned state is never checkpointed, so the last good checkpoint is kept."""
+    try:
+        yield
+    except FloatingPointError as error:
+        kept = checkpoints.describe_latest() if checkpoints is not None else "no checkpoint (none asked)"
+        raise FloatingPointError(f"{where}: {error} The run stops here; kept: {kept}.") from None
 
 
 # Copies of the policy's size one checkpoint holds, times two (the new one is written before the old one goes): EI

@@ -31,7 +31,7 @@ from pathlib import Path
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from reasoning_rl.algos.sft import finetune
-from reasoning_rl.checkpointing import Checkpointer
+from reasoning_rl.checkpointing import Checkpointer, stop_if_not_finite
 from reasoning_rl.config import EIConfig, ORMFilter, RewardName
 from reasoning_rl.evaluation import EvalResult
 from reasoning_rl.metrics import mean
@@ -220,9 +220,16 @@ def expert_iteration(
             params = finetune_params(
                 ctx, lr=cfg.lr, epochs=cfg.epochs, max_steps=cfg.max_steps, seed=seed + round_index
             )
-            stats = finetune(
-                ctx.model, ctx.tokenizer, examples, params, ctx.tracker, metric_prefix="ei", step_offset=finetune_steps
-            )
+            with stop_if_not_finite(f"EI round {round_index}", checkpoints):  # a NaN loss names the round
+                stats = finetune(
+                    ctx.model,
+                    ctx.tokenizer,
+                    examples,
+                    params,
+                    ctx.tracker,
+                    metric_prefix="ei",
+                    step_offset=finetune_steps,
+                )
             finetune_steps += int(stats["steps"])  # train/ei_loss is one curve over all rounds
         else:  # an empty round (no good sample yet) is not an error: the next round samples again
             log.warning("EI round %d: no sample kept yet, nothing to fine-tune on; policy unchanged", round_index)
