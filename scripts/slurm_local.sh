@@ -2,7 +2,7 @@
 # A real single-node Slurm cluster on this machine (controller and node daemon on localhost), for CI and for
 # trying hydra/launcher=submitit_slurm without a cluster. Needs root and Debian's packages:
 #   apt-get install -y slurm-wlm munge
-#   bash scripts/slurm_local.sh start    # writes /etc/slurm/slurm.conf, starts munged, slurmctld, slurmd; waits for "idle"
+#   bash scripts/slurm_local.sh start  # writes /etc/slurm/slurm.conf, starts munged, slurmctld, slurmd; waits for idle
 #   bash scripts/slurm_local.sh stop     # stops the three daemons this script started (by the pids it recorded)
 # The partition is called "debug"; state and logs live under $SLURM_LOCAL_DIR (default /tmp/slurm-local).
 set -euo pipefail
@@ -10,7 +10,10 @@ DIR=${SLURM_LOCAL_DIR:-/tmp/slurm-local}
 
 start() {
     for tool in munged mungekey slurmctld slurmd sinfo; do
-        command -v "$tool" >/dev/null || { echo "slurm_local.sh: $tool not found: apt-get install -y slurm-wlm munge" >&2; exit 1; }
+        if ! command -v "$tool" >/dev/null; then
+            echo "slurm_local.sh: $tool not found: apt-get install -y slurm-wlm munge" >&2
+            exit 1
+        fi
     done
     stop  # a cluster this script started before (a second `start`) gives way to the new one
     mkdir -p "$DIR"/{ctld,d,log} /etc/slurm /etc/munge /run/munge /var/lib/munge /var/log/munge
