@@ -90,18 +90,20 @@ def test_a_plain_multirun_over_algo_reward_and_init_is_valid():
         assert (cfg.algo.name, cfg.reward.name.value, cfg.init.name.value) == (algo, reward, init)
 
 
-def test_the_slurm_launcher_requeues_and_takes_site_settings_from_the_command_line():
+def test_the_slurm_launcher_requeues_and_reads_the_site_settings(tmp_path):
+    """hydra/launcher=slurm: requeue on timeout, then conf/local/slurm.yaml (here from a directory on the search
+    path, as a git-ignored file in conf/local/ would be), then the command line."""
+    (tmp_path / "local").mkdir()
+    (tmp_path / "local" / "slurm.yaml").write_text("partition: gpu\naccount: lab\ngpus_per_node: 8\n")
+    (example,) = (ROOT / "conf" / "local").glob("slurm.yaml.example")  # the format, checked in
+    assert "partition:" in example.read_text()
     register_configs()
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose(
-            "config",
-            overrides=["hydra/launcher=slurm", "hydra.launcher.partition=gpu", "hydra.launcher.account=lab"],
-            return_hydra_config=True,
-        )
-    launcher = cfg.hydra.launcher
+        overrides = ["hydra/launcher=slurm", f"hydra.searchpath=[file://{tmp_path}]", "hydra.launcher.account=other"]
+        launcher = compose("config", overrides=overrides, return_hydra_config=True).hydra.launcher
     assert launcher._target_.endswith("SlurmLauncher")
     assert launcher.max_num_timeout == 3  # requeued on timeout (submitit requeues on preemption regardless)
-    assert (launcher.partition, launcher.account) == ("gpu", "lab")
+    assert (launcher.partition, launcher.gpus_per_node, launcher.account) == ("gpu", 8, "other")
     assert "/conf/local/*.yaml" in (ROOT / ".gitignore").read_text()  # site settings stay out of git
 
 
