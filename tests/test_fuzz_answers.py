@@ -11,11 +11,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from fractions import Fraction
 
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from reasoning_rl.tasks import is_correct, operation_signature
 from reasoning_rl.tasks.answers import (
+    MAX_ANSWER_CHARS,
     MAX_NUMBER_DIGITS,
     answers_match,
     canonical_answer,
@@ -94,12 +95,14 @@ def test_calculator_is_exact_or_refuses_for_a_documented_reason(expr: Expr) -> N
 
 
 @FUZZ
-@given(expressions, st.text(max_size=50))
+@given(expressions, st.text(st.characters(blacklist_characters="<>=#"), max_size=50))  # words: no markup of their own
 def test_solutions_built_from_expressions_parse_without_raising(expr: Expr, words: str) -> None:
     result = format_number(expr.value) if expr.value is not None else "0"
+    assume(len(result) < MAX_ANSWER_CHARS)  # extract_answer reads that much of the answer line, by design
     solution = f"{words} {expr.text} = <<{expr.text}={result}>>{result}\n#### {result}"
     assert extract_answer(solution) == result
-    assert is_correct(solution, result) == (parse_number(result) is not None)
+    # the same answer text always matches: as a number, or (past MAX_NUMBER_DIGITS digits) as text
+    assert is_correct(solution, result)
     canonical_answer(extract_answer(solution))
     intermediate_results(solution)
     signature = operation_signature(solution)
