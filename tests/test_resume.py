@@ -119,7 +119,8 @@ class Job:
 @pytest.fixture(scope="module")
 def resumed(tmp_path_factory):
     """Both algorithms: references and victims run at once; victims are killed after their first checkpoint and
-    restarted; returns {algo: (reference job, victim job, step it was killed after, output of the restart)}."""
+    restarted; returns {algo: (reference job, victim job, step it was killed after, output of the restart)}, and
+    the stage folder, the killed builder's leftovers, and the finished EI command's rerun."""
     from mlflow.tracking import MlflowClient
 
     tmp = tmp_path_factory.mktemp("resume")
@@ -141,10 +142,20 @@ def resumed(tmp_path_factory):
     killed = {algo: victim.kill_after_step(1) for algo, (_, victim) in jobs.items()}
     for _, victim in jobs.values():
         victim.start()
-    outputs = {algo: victim.wait() for algo, (_, victim) in jobs.items()}
+    ei_victim = jobs["ei"][1]
+    outputs = {"ei": ei_victim.wait()}
+    # The finished EI command once more, beside the PPO restart: it must report its run and recompute nothing.
+    (run,) = ei_victim.runs()
+    finished = (run.info.run_id, ei_victim.histories(run.info.run_id))
+    ei_victim.start()
+    outputs["ppo"] = jobs["ppo"][1].wait()
+    finished += (ei_victim.wait(),)
     for reference, _ in jobs.values():
         reference.wait()
-    return {algo: (*jobs[algo], killed[algo], outputs[algo]) for algo in jobs} | {"stages": (stages, leftovers)}
+    return {algo: (*jobs[algo], killed[algo], outputs[algo]) for algo in jobs} | {
+        "stages": (stages, leftovers),
+        "finished": finished,
+    }
 
 
 def kill_a_stage_builder(tmp: Path, stages: Path) -> list[str]:
@@ -214,11 +225,8 @@ def test_killed_run_resumes_into_the_same_run_and_ends_like_an_uninterrupted_one
 
 def test_finished_run_is_reported_not_recomputed(resumed):
     _, victim, _, _ = resumed["ei"]
-    (run,) = victim.runs()
-    before = victim.histories(run.info.run_id)
-    victim.start()
-    output = victim.wait()
-    assert "Already done" in output and run.info.run_id in output
+    run_id, before, output = resumed["finished"]
+    assert "Already done" in output and run_id in output
     (again,) = victim.runs()
-    assert again.info.run_id == run.info.run_id
-    assert victim.histories(run.info.run_id) == before
+    assert again.info.run_id == run_id
+    assert victim.histories(run_id) == before
