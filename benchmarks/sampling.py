@@ -54,6 +54,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--repeats", type=int, default=1, help="alternate the samplers this often; report the best")
     p.add_argument("--plain", action="store_true", help="also time our plain path (generate(..., fast=False))")
+    p.add_argument("--check-greedy", action="store_true", help="first check fast == plain greedy tokens")
     p.add_argument("--sweep-k", default="", help="comma-separated K values: our cost as K grows")
     p.add_argument("--sweep-questions", default="", help="comma-separated question counts: our cost as they grow")
     p.add_argument("--sweep-baseline", action="store_true", help="time transformers generate in the sweeps too")
@@ -177,6 +178,13 @@ def main() -> None:
           f"(prompt tokens {min(prompt_tokens)}-{max(prompt_tokens)}) k={args.k} T={args.temperature} "
           f"top_p={args.top_p} max_new_tokens={args.max_new_tokens} batch={args.batch_size} "
           f"repeats={args.repeats}")  # fmt: skip
+    if args.check_greedy:  # the fast path against the plain one on this model: the same tokens
+        greedy = SamplingParams(temperature=0, max_new_tokens=24)
+        fast = generate(model, tok, prompts[:2], greedy, batch_size=args.batch_size)
+        plain = generate(model, tok, prompts[:2], greedy, batch_size=args.batch_size, fast=False)
+        pairs = [(f, p) for fs, ps in zip(fast, plain, strict=True) for f, p in zip(fs, ps, strict=True)]
+        same = [f.token_ids == p.token_ids for f, p in pairs]
+        print(f"greedy, fast path == plain path token for token on {len(same)} prompts x 24 tokens: {all(same)}")
     if not (sweep_k or sweep_q):
         names = ["transformers generate", *(["reasoning_rl plain path"] if args.plain else []), "reasoning_rl.rollout"]
         runs, gflops = compare(args, model, tok, prompts[: args.num_prompts], params, args.k, names, device)
@@ -192,6 +200,10 @@ def main() -> None:
             all_runs = ", ".join(f"{s:.1f}" for _, s in results)
             pct = 100 * best[name] * flops / (ceiling * 1e9)
             print(f"| {name} | {tokens} | {seconds:.1f} | {best[name]:.1f} | {pct:.0f}% | {all_runs} |")
+        tokens, seconds = min(runs["reasoning_rl.rollout"], key=lambda r: r[1] / r[0])
+        work = (tokens + sum(prompt_tokens)) * flops / seconds / 1e9  # each distinct prompt is prefilled once
+        print(f"reasoning_rl.rollout with its prefill counted as work too: {work:.1f} GFLOP/s, "
+              f"{100 * work / ceiling:.0f}% of ceiling")  # fmt: skip
         for name in names[1:]:
             print(f"ratio ({name} / transformers generate, tokens/s): "
                   f"{best[name] / best['transformers generate']:.2f}x")  # fmt: skip

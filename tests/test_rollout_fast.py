@@ -59,7 +59,7 @@ def test_greedy_and_logprobs_equal_the_plain_path(kind: str, tokenizer: PreTrain
     assert supports_fast_path(model)
     params = SamplingParams(temperature=0, max_new_tokens=20)
     # 5 prompts x 3 copies = 15 rows through 4 slots: rows enter as others finish, prompts are prefilled mid-run.
-    fast = generate(model, tokenizer, PROMPTS, params, num_samples=3, batch_size=4)
+    fast = generate(model, tokenizer, PROMPTS, params, num_samples=3, batch_size=4, fast=True)
     plain = generate(model, tokenizer, PROMPTS, params, num_samples=3, batch_size=4, fast=False)
     for f_samples, p_samples in zip(fast, plain, strict=True):
         for f, p in zip(f_samples, p_samples, strict=True):
@@ -76,7 +76,7 @@ def test_sampled_logprobs_match_a_full_forward(kind: str, tokenizer: PreTrainedT
     # Sampled rows take different paths, so moved rows and merged prefix/suffix attention are checked on every token.
     model = scaled_llama(len(tokenizer), *MODELS[kind], early_eos="aeiou")
     params = SamplingParams(temperature=1.0, max_new_tokens=16)
-    out = generate(model, tokenizer, PROMPTS, params, num_samples=4, seed=5, batch_size=6)
+    out = generate(model, tokenizer, PROMPTS, params, num_samples=4, seed=5, batch_size=6, fast=True)
     for prompt, samples in zip(PROMPTS, out, strict=True):
         assert len({tuple(s.token_ids) for s in samples}) > 1
         for s in samples:
@@ -101,7 +101,7 @@ def test_two_token_sequence_distribution(tokenizer: PreTrainedTokenizerBase) -> 
     joint = joint.flatten()
 
     params = SamplingParams(temperature=temperature, max_new_tokens=2)
-    out = generate(model, tokenizer, [PROMPTS[0]], params, num_samples=n, seed=3, batch_size=700)[0]
+    out = generate(model, tokenizer, [PROMPTS[0]], params, num_samples=n, seed=3, batch_size=700, fast=True)[0]
     cells = torch.tensor([s.token_ids[0] * v + (s.token_ids[1] if len(s.token_ids) > 1 else 0) for s in out])
     counts = torch.bincount(cells, minlength=v * v).double()  # (V * V,)
     stat, df = chi2_statistic(counts, joint)

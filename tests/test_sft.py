@@ -14,6 +14,7 @@ from reasoning_rl.algos.sft import (
     collate,
     finetune,
     lr_multiplier,
+    summed_token_loss,
     tokenize_examples,
 )
 from reasoning_rl.config import ModelConfig, ModelSource
@@ -61,7 +62,7 @@ def test_lr_schedule_by_hand():
     assert lr_multiplier(10, 10, 2, 0.1) == pytest.approx(0.1)
 
 
-def _finetune_copy(model, tok, examples, micro_batch_size: int) -> torch.nn.Module:
+def _finetune_copy(model, tok, examples, micro_batch_size: int, checkpointing: bool = False) -> torch.nn.Module:
     model = copy.deepcopy(model)
     params = FinetuneParams(
         lr=1e-2,
@@ -73,6 +74,7 @@ def _finetune_copy(model, tok, examples, micro_batch_size: int) -> torch.nn.Modu
         max_steps=1,
         warmup_ratio=0.0,
         grad_clip=1e9,
+        gradient_checkpointing=checkpointing,
     )
     finetune(model, tok, examples, params, NullTracker(), progress=False)
     return model
@@ -100,3 +102,27 @@ def test_finetune_lowers_the_loss_on_its_data():
     stats = finetune(model, tok, examples, params, NullTracker(), progress=False)
     assert stats["steps"] == 50
     assert stats["final_loss"] < 0.5  # a constant answer is memorised; the untrained loss is ~ln(100) = 4.6
+
+
+def test_gradient_checkpointing_gives_the_same_update():
+    tok = build_tiny_tokenizer()
+    model = build_tiny_model(TINY, len(tok), seed=0)
+    examples = [("Q: 1+2\n", "1+2=3\n#### 3"), ("Q: 10+20\n", "#### 30"), ("Q:\n", "5"), ("Q: 7\n", "7*1=7\n#### 7")]
+    plain = _finetune_copy(model, tok, examples, micro_batch_size=2)
+    recomputed = _finetune_copy(model, tok, examples, micro_batch_size=2, checkpointing=True)
+    for (name, a), (_, b) in zip(plain.named_parameters(), recomputed.named_parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=name)
+    assert not any(getattr(m, "gradient_checkpointing", False) for m in recomputed.modules())  # off after training
+
+
+def test_loss_on_target_positions_equals_the_full_logits_loss():
+    # summed_token_loss runs the output layer on target positions only; the reference takes the full (B, T, V)
+    # logits and lets cross_entropy skip the ignored labels.
+    tok = build_tiny_tokenizer()
+    model = build_tiny_model(TINY, len(tok), seed=0)
+    batch = collate(tokenize_examples(tok, [("Q: 1+2\n", "#### 3"), ("Q:\n", "12")], max_seq_len=64), tok.pad_token_id)
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # (B, T, V)
+    expected = torch.nn.functional.cross_entropy(
+        logits[:, :-1].reshape(-1, logits.shape[-1]), batch["labels"][:, 1:].reshape(-1), reduction="sum"
+    )  # ignore_index defaults to -100 = IGNORE_INDEX
+    torch.testing.assert_close(summed_token_loss(model, batch), expected)

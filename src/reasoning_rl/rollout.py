@@ -17,9 +17,10 @@ strings and finish reasons, and a sampler we can make faster without fighting ge
    included) once enough of them accumulate, and the batch ends when every row has stopped. Texts are decoded
    with ``skip_special_tokens=True``.
 
-Plain Llama stacks (the tiny model, SmolLM2, Llama-2) take the fast path of :mod:`reasoning_rl.rollout_fast`
-instead of steps 2-4: one shared prefix cache per prompt and continuous batching. Both paths give the same greedy
-tokens and the same distributions (tests/test_rollout_fast.py); ``fast=False`` forces this plain path.
+Plain Llama stacks of width >= ``FAST_MIN_HIDDEN`` (SmolLM2, Llama-2) take the fast path of
+:mod:`reasoning_rl.rollout_fast` instead of steps 2-4: one shared prefix cache per prompt and continuous batching.
+Both paths give the same greedy tokens and the same distributions (tests/test_rollout_fast.py); ``fast=True`` or
+``fast=False`` forces one.
 
 Log-probs are those of the model's untempered distribution, ``log_softmax(logits)``, whatever the temperature and
 top-p: that is the policy PPO optimises and the one it recomputes itself. Randomness comes from one
@@ -63,6 +64,11 @@ class Sample:
     logprobs: list[float]  # per generated token: log-prob under the untempered log_softmax(logits)
     finish_reason: str  # "eos" | "stop" | "length"
 
+
+# Narrower models take the plain path by default: their operations are so small that Python overhead decides, and
+# the plain path makes fewer, fused calls (measured on the 128-wide tiny model, 64 prompts x 4 samples x 48 tokens,
+# one thread: plain 11.4 s, fast 15.2 s). SmolLM2 is 576 wide.
+FAST_MIN_HIDDEN = 256
 
 # A batch is dropped to its unfinished rows once this fraction of them has finished: pruning copies the whole KV
 # cache, so doing it for every single finished row would cost more than the compute it saves.
@@ -214,12 +220,13 @@ def generate(
     seed: int = 0,
     batch_size: int = 32,
     progress: str | None = None,
-    fast: bool = True,
+    fast: bool | None = None,
 ) -> list[list[Sample]]:
     """For each prompt, its ``num_samples`` completions (see the module docstring for how).
 
-    ``fast`` uses :mod:`reasoning_rl.rollout_fast` (shared-prefix attention, continuous batching) when the model is
-    a plain Llama stack; ``fast=False``, or any other architecture, takes the plain batched path below.
+    ``fast=True`` uses :mod:`reasoning_rl.rollout_fast` (shared-prefix attention, continuous batching) when the
+    model is a plain Llama stack; ``fast=False``, or any other architecture, takes the plain batched path below;
+    ``None`` picks the fast path for Llama stacks at least ``FAST_MIN_HIDDEN`` wide.
     """
     if not prompts:
         return []
@@ -239,6 +246,8 @@ def generate(
         with torch.inference_mode(), tqdm(total=len(rows), desc=progress, disable=progress is None) as bar:
             from reasoning_rl.rollout_fast import ContinuousBatcher, supports_fast_path  # it imports this module
 
+            if fast is None:
+                fast = getattr(model.config, "hidden_size", 0) >= FAST_MIN_HIDDEN
             if fast and supports_fast_path(model):
                 samples = ContinuousBatcher(decoder, prompt_ids, rows, batch_size).run(bar)
                 for (i, j), sample in zip(rows, samples, strict=True):

@@ -42,6 +42,7 @@ class FinetuneParams:
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     log_every: int = 10  # optimizer steps between train/ metric logs
+    gradient_checkpointing: bool = False  # recompute activations in the backward pass: less memory, ~30% more time
 
 
 @dataclass(frozen=True)
@@ -106,17 +107,21 @@ def lr_multiplier(step: int, total_steps: int, warmup_steps: int, min_lr_ratio: 
 
 
 def summed_token_loss(model: PreTrainedModel, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Sum of next-token cross-entropy over target tokens (the caller divides by the whole batch's token count)."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # (B, T, V)
-    shift_logits = logits[:, :-1].float()  # (B, T-1, V): position t predicts token t+1
-    shift_labels = batch["labels"][:, 1:]  # (B, T-1)
-    loss = torch.nn.functional.cross_entropy(
-        shift_logits.reshape(-1, shift_logits.size(-1)),
-        shift_labels.reshape(-1),
-        ignore_index=IGNORE_INDEX,
-        reduction="sum",
-    )
-    return loss
+    """Sum of next-token cross-entropy over target tokens (the caller divides by the whole batch's token count).
+
+    The output layer runs on the target positions only: prompt and padding positions need no logits, and with a
+    49k-token vocabulary the (B, T, V) logits and their gradient were a large share of a step's memory traffic.
+    """
+    shift_labels = batch["labels"][:, 1:]  # (B, T-1): position t predicts token t+1
+    target = shift_labels != IGNORE_INDEX  # (B, T-1)
+    head, decoder = model.get_output_embeddings(), getattr(model, "get_decoder", lambda: None)()
+    if head is None or decoder is None or getattr(model.config, "final_logit_softcapping", None):
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # (B, T, V)
+        target_logits = logits[:, :-1][target]  # (N, V)
+    else:
+        hidden = decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+        target_logits = head(hidden[:, :-1][target])  # (N, V): hidden (B, T, H) at the N target positions
+    return torch.nn.functional.cross_entropy(target_logits.float(), shift_labels[target], reduction="sum")
 
 
 def finetune(
@@ -149,6 +154,12 @@ def finetune(
     )
     rng = random.Random(params.seed)
     order: list[int] = []
+    checkpointing = params.gradient_checkpointing and getattr(model, "supports_gradient_checkpointing", False)
+    if checkpointing:  # transformers 5 renamed gradient to activation checkpointing
+        if hasattr(model, "activation_checkpointing_enable"):
+            model.activation_checkpointing_enable({"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     losses: list[float] = []
     bar = tqdm(range(total_steps), desc=f"{metric_prefix} fine-tune", disable=not progress, dynamic_ncols=True)
@@ -157,7 +168,8 @@ def finetune(
         if len(order) < params.batch_size:
             order += rng.sample(range(len(data)), len(data))
         b_indices, order = order[: params.batch_size], order[params.batch_size :]
-        b_examples = [data[i] for i in b_indices]
+        # sorted by length, so each micro-batch pads to a similar length; the update is the same sum of token losses
+        b_examples = sorted((data[i] for i in b_indices), key=lambda ex: len(ex.input_ids))
         # targets are tokens prompt_len..n-1 (the first token of a sequence is never predicted)
         num_target_tokens = sum(len(ex.input_ids) - max(ex.prompt_len, 1) for ex in b_examples)
         # 2. accumulate gradients over micro-batches; each micro-batch loss is divided by the whole batch's
@@ -190,6 +202,9 @@ def finetune(
                 },
                 step=step_offset + step + 1,
             )
+    if checkpointing:
+        disable = getattr(model, "activation_checkpointing_disable", None) or model.gradient_checkpointing_disable
+        disable()
     model.eval()
     tail = losses[-max(1, len(losses) // 10) :]
     return {"steps": float(total_steps), "examples": float(len(data)), "final_loss": sum(tail) / len(tail)}
