@@ -15,7 +15,15 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-from reasoning_rl.checkpointing import Checkpointer, join_tensors, run_key, split_tensors, stop_if_not_finite
+from reasoning_rl.checkpointing import (
+    Checkpointer,
+    RunBusyError,
+    RunDirectory,
+    join_tensors,
+    run_key,
+    split_tensors,
+    stop_if_not_finite,
+)
 from reasoning_rl.config import register_configs, to_experiment
 from reasoning_rl.experiment import resolve_paths, run_experiment
 from reasoning_rl.tracking import NullTracker
@@ -82,6 +90,21 @@ def test_a_new_checkpoint_replaces_the_old_one_and_state_names_it(tmp_path):
     assert json.loads((tmp_path / "state.json").read_text()) == {"checkpoint": "ckpt-000004", "step": 4}
     assert checkpoints.restore().data == {"x": 2}
     assert Checkpointer(tmp_path, every=2, restore=False).restore() is None  # resume=false starts afresh
+
+
+def test_a_run_directory_is_locked_and_cleans_what_a_killed_writer_left(tmp_path):
+    run = RunDirectory(tmp_path, "k")
+    with pytest.raises(RunBusyError, match="another process is running this same config"):
+        RunDirectory(tmp_path, "k")  # the lock is per process here too (a second handle on it)
+    (run.path / ".ckpt-000002.x1y2").mkdir()  # a checkpoint being written when its process was killed
+    (run.path / ".state.json.abc").write_text("{")  # a state file being written
+    run.start("run-1", fresh=False)
+    assert sorted(p.name for p in run.path.iterdir()) == ["run.lock", "state.json"]
+    assert run.state == {"run_id": "run-1", "finished": False}
+    run.finish({"eval/maj_at_1": 0.5}, tmp_path / "out")
+    assert run.state["finished"] and run.state["metrics"] == {"eval/maj_at_1": 0.5}
+    run.release()
+    RunDirectory(tmp_path, "k").release()  # free again
 
 
 def test_split_tensors_leaves_no_tensor_in_the_json(tmp_path):

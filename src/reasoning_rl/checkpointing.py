@@ -300,6 +300,11 @@ class RunDirectory:
 
     def start(self, run_id: str | None, *, fresh: bool) -> None:
         """Record the run id before any work, so a kill before the first checkpoint still resumes into this run."""
+        for stale in self.path.glob(".*"):  # temporary files of a process killed mid-write (we hold the lock)
+            if stale.is_dir():
+                shutil.rmtree(stale, ignore_errors=True)
+            else:
+                stale.unlink(missing_ok=True)
         if fresh:
             for old in self.path.glob(f"{CHECKPOINT_PREFIX}*"):
                 shutil.rmtree(old, ignore_errors=True)
