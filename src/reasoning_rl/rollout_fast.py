@@ -225,22 +225,26 @@ class LlamaStepper:
         self, q: torch.Tensor, li: int, layout: torch.Tensor, num_groups: int, kmax: int, prefix_len: int,
         suffix_width: int, prefix_bias: torch.Tensor, suffix_bias: torch.Tensor,
     ) -> torch.Tensor:  # fmt: skip
-        """softmax over [prefix; suffix] of q.k, times the values, for q (N, KVH, rep, D) -> (N, KVH, rep, D)."""
+        """softmax over [prefix; suffix] of q.k, times the values, for q (N, KVH, rep, D) -> (N, KVH, rep, D).
+
+        Scores, softmax statistics and the merge are float32 whatever the model's dtype (as SDPA accumulates)."""
         n, kvh, rep, d = q.shape
         # Suffix: each row against its own generated tokens.
         suffix_k = self.suffix_k[li][:n, :, :suffix_width]  # (N, KVH, S, D)
         suffix_v = self.suffix_v[li][:n, :, :suffix_width]
-        s_suf = torch.matmul(q, suffix_k.transpose(-1, -2)) * self.scaling + suffix_bias  # (N, KVH, rep, S)
+        s_suf = torch.matmul(q, suffix_k.transpose(-1, -2)).float() * self.scaling + suffix_bias  # (N, KVH, rep, S)
         # Prefix: the queries of a group's rows side by side, against the group's one copy of the prompt cache.
         q_groups = q.new_zeros(num_groups * kmax, kvh, rep, d)
         q_groups[layout] = q
         q_groups = q_groups.view(num_groups, kmax, kvh, rep, d).transpose(1, 2).reshape(num_groups, kvh, kmax * rep, d)
         prefix_k = self.prefix_k[li][:num_groups, :, :prefix_len]  # (G, KVH, L, D)
         prefix_v = self.prefix_v[li][:num_groups, :, :prefix_len]
-        s_pre = torch.matmul(q_groups, prefix_k.transpose(-1, -2)) * self.scaling + prefix_bias  # (G, KVH, kmax rep, L)
+        s_pre = (
+            torch.matmul(q_groups, prefix_k.transpose(-1, -2)).float() * self.scaling + prefix_bias
+        )  # (G, KVH, kmax rep, L)
         m_pre = s_pre.amax(-1, keepdim=True)  # (G, KVH, kmax rep, 1)
         p_pre = torch.exp(s_pre - m_pre)
-        o_pre = torch.matmul(p_pre, prefix_v)  # (G, KVH, kmax rep, D): unnormalised
+        o_pre = torch.matmul(p_pre.to(prefix_v.dtype), prefix_v).float()  # (G, KVH, kmax rep, D): unnormalised
         stats = torch.cat([o_pre, m_pre, p_pre.sum(-1, keepdim=True)], dim=-1)  # (G, KVH, kmax rep, D + 2)
         stats = (
             stats.view(num_groups, kvh, kmax, rep, d + 2).transpose(1, 2).reshape(num_groups * kmax, kvh, rep, d + 2)
@@ -251,8 +255,8 @@ class LlamaStepper:
         m = torch.maximum(m_pre, s_suf.amax(-1, keepdim=True))  # (N, KVH, rep, 1)
         p_suf = torch.exp(s_suf - m)
         scale_pre = torch.exp(m_pre - m)
-        out = o_pre * scale_pre + torch.matmul(p_suf, suffix_v)  # (N, KVH, rep, D)
-        return out / (l_pre * scale_pre + p_suf.sum(-1, keepdim=True))
+        out = o_pre * scale_pre + torch.matmul(p_suf.to(suffix_v.dtype), suffix_v).float()  # (N, KVH, rep, D)
+        return (out / (l_pre * scale_pre + p_suf.sum(-1, keepdim=True))).to(q.dtype)
 
 
 class ContinuousBatcher:
