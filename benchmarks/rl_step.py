@@ -10,8 +10,8 @@ functions, timed, nothing replaced):
 
 The final evaluation on the test split is timed too, but is not part of a round or step. Peak memory is the
 process's resident-set high-water mark (ru_maxrss) when each phase ends; it only grows, so a phase's figure covers
-everything before it. Every run uses the fast sampler; ``--plain-sampler`` times the plain one instead, and
-``--algo`` picks one algorithm.
+everything before it. Sampling uses ``generate``'s default path (fast for SmolLM2, plain for the narrow tiny
+model); ``--plain-sampler`` forces the plain one, and ``--algo`` picks one algorithm.
 
     .venv/bin/python benchmarks/rl_step.py --model tiny --threads 1
     .venv/bin/python benchmarks/rl_step.py --model smollm2_135m --questions 4 --k 4 --threads 1
@@ -111,7 +111,7 @@ def main() -> None:
         what = "one EI round" if algo == "ei" else "one PPO step"
         print(f"\n{what}: model={args.model} questions={args.questions} k={args.k} "
               f"max_new_tokens={args.max_new_tokens} threads={args.threads} "
-              f"sampler={'plain' if args.plain_sampler else 'fast'}")  # fmt: skip
+              f"sampler={'plain (forced)' if args.plain_sampler else 'default (fast for models >= 256 wide)'}")  # fmt: skip
         print("| phase | seconds | share of the round/step | peak RSS at its end, MiB |\n|---|---|---|---|")
         for phase in dict.fromkeys(PHASES[algo].values()):
             share = f"{100 * seconds[phase] / step:.0f}%" if phase != "evaluation" else "-"
