@@ -111,7 +111,7 @@ def main() -> None:
         what = "one EI round" if algo == "ei" else "one PPO step"
         print(f"\n{what}: model={args.model} questions={args.questions} k={args.k} "
               f"max_new_tokens={args.max_new_tokens} threads={args.threads} "
-              f"sampler={'plain (forced)' if args.plain_sampler else 'default (fast for models >= 256 wide)'}")  # fmt: skip
+              f"sampler={'plain (forced)' if args.plain_sampler else 'default: fast if >= 256 wide'}")  # fmt: skip
         print("| phase | seconds | share of the round/step | peak RSS at its end, MiB |\n|---|---|---|---|")
         for phase in dict.fromkeys(PHASES[algo].values()):
             share = f"{100 * seconds[phase] / step:.0f}%" if phase != "evaluation" else "-"
