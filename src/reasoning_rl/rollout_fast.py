@@ -17,7 +17,9 @@ embedding, MLP) so the arithmetic is the model's:
    whole batch, and no step computes rows that have finished.
 3. **Fewer, larger operations.** The q/k/v and gate/up projections are fused into one matmul each (weights
    concatenated once per call), the decode step skips transformers' mask construction and cache bookkeeping, and
-   sampling draws one uniform number per row (see ``rollout.sample_next_token``).
+   for large vocabularies sampling draws one uniform number per row (``rollout.inverse_cdf_sample``).
+
+``rollout.generate`` takes this path by default for Llama stacks at least ``rollout.FAST_MIN_HIDDEN`` wide.
 
 Prefill still runs the model's own forward (transformers' code) on the padded distinct prompts.
 """
