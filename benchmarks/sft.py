@@ -27,6 +27,9 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import torch
+
+# benchmarks/sampling.py: `python benchmarks/sft.py` puts this folder on sys.path
+from sampling import matmul_gflops
 from transformers import DataCollatorForSeq2Seq, PreTrainedModel, PreTrainedTokenizerBase, Trainer, TrainingArguments
 
 from reasoning_rl.algos.sft import FinetuneParams, finetune, tokenize_examples
@@ -124,15 +127,6 @@ def one_run(name: str, args: argparse.Namespace) -> tuple[float, float]:
     return seconds, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def matmul_gflops(dtype: torch.dtype, n: int = 1024, repeats: int = 3) -> float:
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    a @ b  # warm-up
-    start = time.perf_counter()
-    for _ in range(repeats):
-        a @ b
-    return 2 * n**3 * repeats / (time.perf_counter() - start) / 1e9
-
-
 def main() -> None:
     args = parse_args()
     if args.threads:
@@ -162,7 +156,8 @@ def main() -> None:
         peak = max(m for _, m in results)
         print(f"| {name} | {tokens} | {seconds:.1f} | {best[name]:.1f} | {peak:.0f} | {all_runs} |")
     print(f"ratio (ours / Trainer, tokens/s): {best['reasoning_rl finetune'] / best['transformers Trainer']:.2f}x")
-    fp32, bf16 = matmul_gflops(torch.float32), matmul_gflops(torch.bfloat16)
+    cpu = torch.device("cpu")
+    fp32, bf16 = (matmul_gflops(cpu, n=1024, repeats=3, dtype=dtype) for dtype in (torch.float32, torch.bfloat16))
     print(f"matmul 1024^3 on this CPU: fp32 {fp32:.1f} GFLOP/s, bf16 {bf16:.1f} GFLOP/s "
           f"(bf16 is {'faster' if bf16 > fp32 else 'slower'} here)")  # fmt: skip
 
