@@ -205,6 +205,22 @@ def test_submitit_sweep_logs_nested_runs_to_a_server_and_the_report_tables_them(
     for figure in ("sample_complexity.png", "ei_rounds.png"):
         assert (out / figure).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
+    # The same sweep typed again: every job finds its run finished ("Already done"), and the new sweep's report
+    # still tables both (they join the new parent through their `sweeps` tag, sweep.join_sweep).
+    again = subprocess.run(
+        [*command[:-2], f"hydra.sweep.dir={tmp_path / 'again'}", command[-1]],
+        cwd=ROOT, capture_output=True, text=True, timeout=900, env=env,
+    )  # fmt: skip
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert len(list((tmp_path / "again" / ".submitit").glob("*/*_result.pkl"))) == 2
+    report = subprocess.run(
+        [sys.executable, "-m", "reasoning_rl.report", "--sweep-dir", str(tmp_path / "again"), "--out", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=300, env=env,
+    )  # fmt: skip
+    assert report.returncode == 0, report.stderr[-3000:]
+    runs_again = (out / "runs.csv").read_text().splitlines()[1:]
+    assert sorted(line.split(",")[0] for line in runs_again) == sorted(r.info.run_id for r in children)
+
     # The notebook, executed against the same server.
     import nbclient
     import nbformat
@@ -219,3 +235,21 @@ def test_submitit_sweep_logs_nested_runs_to_a_server_and_the_report_tables_them(
                       for c in notebook.cells if c.cell_type == "code" for o in c.outputs)  # fmt: skip
     assert "2 finished runs" in outputs and "EI" in outputs and " ± " in outputs
     assert any("image/png" in o.get("data", {}) for c in notebook.cells if c.cell_type == "code" for o in c.outputs)
+
+
+def test_a_sweep_whose_job_fails_marks_its_parent_run_failed(tmp_path):
+    import mlflow
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    command = [
+        sys.executable, str(ROOT / "main.py"), "-m", "algo=none", "model=tiny", "task=gsm8k", "seed=0,1",
+        f"task.data_dir={tmp_path / 'missing'}", f"logger.tracking_uri={uri}", f"hydra.sweep.dir={tmp_path / 'sweep'}",
+        f"cache_dir={tmp_path / 'cache'}",
+    ]  # fmt: skip
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2 and "does not exist" in result.stderr
+    runs = mlflow.tracking.MlflowClient(tracking_uri=uri).search_runs(["1"])
+    (parent,) = [r for r in runs if r.data.tags.get("sweep") == "parent"]
+    (job,) = [r for r in runs if r.data.tags.get("sweep") != "parent"]  # the first job failed; the sweep stopped
+    assert parent.info.status == "FAILED" and job.info.status == "FAILED"
+    assert job.data.tags["sweeps"] == parent.info.run_id == job.data.tags["mlflow.parentRunId"]

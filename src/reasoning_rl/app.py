@@ -18,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from reasoning_rl.checkpointing import Checkpointer, ResumedTracker, RunDirectory, run_key
 from reasoning_rl.config import ConfigError, ExperimentConfig, LoggerName, to_experiment
 from reasoning_rl.models import ModelLoadError
-from reasoning_rl.sweep import job_sweep_tags
+from reasoning_rl.sweep import job_sweep_tags, join_sweep
 from reasoning_rl.tasks import TaskDataError
 from reasoning_rl.tracking import MLflowTracker, NullTracker, Tracker, default_tracking_uri, flatten
 
@@ -100,6 +100,19 @@ def report_finished(state: dict, uri: str | None) -> float:
     return metrics.get("eval/maj_at_1", float("nan"))
 
 
+def join_current_sweep(uri: str | None, run_id: str | None) -> None:
+    """In a multirun, list the sweep's parent on the job's run, whether the run is new, resumed or already done."""
+    if uri is None or run_id is None or not HydraConfig.initialized():
+        return
+    parent_run_id, _ = job_sweep_tags(HydraConfig.get(), uri)
+    if parent_run_id is None:
+        return
+    try:
+        join_sweep(uri, run_id, parent_run_id)
+    except Exception as error:  # mlflow's own exception type; the job's results do not depend on this tag
+        log.warning("Could not tag run %s with its sweep %s: %s", run_id, parent_run_id, error)
+
+
 def run_job(raw_cfg: DictConfig, project_root: Path) -> float:
     from reasoning_rl.experiment import resolve_paths  # heavy imports (torch, transformers) after validation
 
@@ -139,11 +152,13 @@ def run_in(
     state = run_dir.state
     resuming = cfg.resume and "finished" in state
     if resuming and state["finished"]:
+        join_current_sweep(uri, state.get("run_id"))
         return report_finished(state, uri)
     try:
         tracker = open_tracker(cfg, project_root, run_id=state.get("run_id") if resuming else None)
     except ConfigError as error:
         fail(str(error))
+    join_current_sweep(uri, tracker.run_id)
     main_tracker = tracker
     run_dir.start(tracker.run_id, fresh=not resuming)
     if resuming and uri is not None:

@@ -1,6 +1,7 @@
 """MLflow -> the paper's tables (markdown, LaTeX, CSV) and figures (PNG).
 
     python -m reasoning_rl.report                                   # every finished run in ./mlflow.db
+    reasoning-rl-report --sweep-dir multirun/2026-11-24/05-28-17    # the console script, the same thing
     python -m reasoning_rl.report --sweep-dir multirun/2026-11-24/05-28-17 --paper --out reports/sft_table
     python -m reasoning_rl.report --tracking-uri http://127.0.0.1:5000 --parent <run id of a sweep>
 
@@ -25,6 +26,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import pandas as pd
+
+from reasoning_rl.sweep import SWEEPS_TAG
 
 METRICS = {  # column label -> MLflow metric
     "maj@1": "eval/maj_at_1",
@@ -93,8 +96,15 @@ def read_runs(tracking_uri: str, experiment: str, parent: str | None = None) -> 
     mlflow.set_tracking_uri(tracking_uri)
     if mlflow.get_experiment_by_name(experiment) is None:
         raise ReportError(f"no experiment '{experiment}' in {tracking_uri}; pass --tracking-uri / --experiment.")
-    query = "attributes.status = 'FINISHED'" + (f" and tags.mlflow.parentRunId = '{parent}'" if parent else "")
-    found = mlflow.search_runs(experiment_names=[experiment], filter_string=query, output_format="pandas")
+    finished = "attributes.status = 'FINISHED'"
+    if parent is None:
+        found = mlflow.search_runs(experiment_names=[experiment], filter_string=finished, output_format="pandas")
+    else:  # the sweep's children, and its jobs that found their run done or resumed it (sweep.join_sweep)
+        queries = [f"tags.mlflow.parentRunId = '{parent}'", f"tags.{SWEEPS_TAG} LIKE '%{parent}%'"]
+        frames = [mlflow.search_runs(experiment_names=[experiment], filter_string=f"{finished} and {query}",
+                                     output_format="pandas") for query in queries]  # fmt: skip
+        frames = [frame for frame in frames if not frame.empty]
+        found = pd.concat(frames).drop_duplicates("run_id") if frames else pd.DataFrame()
     if "tags.algo" in found:
         found = found[found["tags.algo"].notna()]  # sweep parent runs carry no algo tag
     if found.empty:
@@ -257,7 +267,7 @@ def write_report(
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m reasoning_rl.report", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="reasoning-rl-report", description=__doc__.split("\n\n")[0])
     parser.add_argument("--tracking-uri", help="MLflow store; default $MLFLOW_TRACKING_URI, else ./mlflow.db")
     parser.add_argument("--experiment", default="reasoning-rl", help="MLflow experiment name")
     parser.add_argument("--parent", help="only the jobs of this sweep (its parent run id)")

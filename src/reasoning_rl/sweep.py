@@ -6,7 +6,12 @@ the tracking URI and the sweep's axes to ``<hydra.sweep.dir>/mlflow_sweep.json``
 runs it (in-process, a submitit process, a Slurm node sharing the file system), reads that file
 (:func:`job_sweep_tags`), opens its own run as a child (the tag ``mlflow.parentRunId``, which the MLflow UI uses to
 nest runs) and tags it with its value on each axis. The launching process marks the parent FINISHED when the
-launcher returns (a sweep that raised leaves it RUNNING; its children say which job failed).
+launcher returns, and FAILED when the sweep ends any other way (a job raised, the user pressed Ctrl-C): no parent is
+left RUNNING.
+
+A job whose config already ran (``resume=true``: a finished run is reported, an interrupted one continued) keeps its
+run and that run's first parent, which the UI nests it under; :func:`join_sweep` adds the new sweep's parent to the
+run's ``sweeps`` tag, so the report of a sweep typed again (``--sweep-dir``, ``--parent``) still finds all its jobs.
 
 The axes are the overrides that vary across the jobs: command-line sweeps (``algo=ei,ppo``) and the sweep file's
 ``hydra.sweeper.params`` with more than one value (``row: sft,ei,...``).
@@ -14,6 +19,7 @@ The axes are the overrides that vary across the jobs: command-line sweeps (``alg
 
 from __future__ import annotations
 
+import atexit
 import json
 import logging
 import sys
@@ -31,6 +37,7 @@ from reasoning_rl.tracking import default_tracking_uri
 log = logging.getLogger(__name__)
 
 SWEEP_FILE = "mlflow_sweep.json"
+SWEEPS_TAG = "sweeps"  # the parent run ids of every sweep a run was a job of, space-separated
 
 
 @dataclass(frozen=True)
@@ -89,13 +96,21 @@ class MLflowSweepCallback(Callback):
         info = {"run_id": run.info.run_id, "tracking_uri": uri, "axes": list(axes)}
         (sweep_dir / SWEEP_FILE).write_text(json.dumps(info, indent=2) + "\n")
         log.info("MLflow sweep parent run %s (axes: %s) at %s", run.info.run_id, ", ".join(axes) or "none", uri)
+        # Hydra calls on_multirun_end only when every job succeeded; a job's exception (or a user error's sys.exit,
+        # or Ctrl-C) ends the launching process instead, and this closes the parent on the way out.
+        atexit.register(self._close, "FAILED")
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        self._close("FINISHED")
+
+    def _close(self, status: str) -> None:
         if self.sweep_run is None:
             return
         from mlflow.tracking import MlflowClient
 
-        MlflowClient(tracking_uri=self.sweep_run.tracking_uri).set_terminated(self.sweep_run.run_id, "FINISHED")
+        MlflowClient(tracking_uri=self.sweep_run.tracking_uri).set_terminated(self.sweep_run.run_id, status)
+        if status != "FINISHED":
+            log.warning("The sweep did not finish: its MLflow parent run %s is marked %s.", self.sweep_run.run_id, status)
         self.sweep_run = None
 
 
@@ -130,3 +145,15 @@ def job_sweep_tags(hydra_cfg: DictConfig, tracking_uri: str) -> tuple[str | None
         if key in sweep.axes:
             tags[key] = str(override.value())
     return sweep.run_id, tags
+
+
+def join_sweep(tracking_uri: str, run_id: str, parent_run_id: str) -> None:
+    """Add the sweep ``parent_run_id`` to the ``sweeps`` tag of the job's run ``run_id`` (see the module docstring).
+
+    Every job calls it, new runs too, so ``sweeps`` alone lists a run's sweeps."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking_uri)
+    sweeps = client.get_run(run_id).data.tags.get(SWEEPS_TAG, "").split()
+    if parent_run_id not in sweeps:
+        client.set_tag(run_id, SWEEPS_TAG, " ".join([*sweeps, parent_run_id]))
