@@ -110,7 +110,7 @@ class MLflowSweepCallback(Callback):
 
         MlflowClient(tracking_uri=self.sweep_run.tracking_uri).set_terminated(self.sweep_run.run_id, status)
         if status != "FINISHED":
-            log.warning("The sweep did not finish: its MLflow parent run %s is marked %s.", self.sweep_run.run_id, status)
+            log.warning("The sweep did not finish: its MLflow parent run %s is %s.", self.sweep_run.run_id, status)
         self.sweep_run = None
 
 
