@@ -37,6 +37,7 @@ class Case:
     overrides: list[str]
     fragments: list[str]  # must all appear in the output (`{tmp}` is the case's directory)
     files: dict[str, str] = field(default_factory=dict)  # files to create first, relative to {tmp}
+    own_run_dir: bool = True  # False: no hydra.run.dir=..., the default (outputs/ under the working directory)
 
 
 def gsm8k_files(test_lines: list[str]) -> dict[str, str]:
@@ -126,6 +127,13 @@ CASES = [
         ["{tmp}/a_file/out", "hydra.run.dir"],
         {"a_file": "a file, not a directory\n"},
     ),
+    Case(
+        "the default output directory cannot be created (a file named `outputs` in the working directory)",
+        [],
+        ["cannot create the output directory outputs", "{tmp}/outputs is not a directory", "hydra.run.dir"],
+        {"outputs": "a file, not a directory\n"},
+        own_run_dir=False,
+    ),
 ]
 
 
@@ -193,7 +201,7 @@ def outcomes(tmp_path_factory) -> dict[str, tuple[int, str, Path]]:
             (tmp / name).parent.mkdir(parents=True, exist_ok=True)
             (tmp / name).write_text(text)
         args = [*BASE, *(o.format(tmp=tmp) for o in case.overrides)]
-        if not any(a.startswith("hydra.run.dir=") for a in args):
+        if case.own_run_dir and not any(a.startswith("hydra.run.dir=") for a in args):
             args.append(f"hydra.run.dir={tmp / 'out'}")
         if not any(a.startswith("cache_dir=") for a in args):
             args.append(f"cache_dir={tmp / 'cache'}")

@@ -35,11 +35,16 @@ def fail(message: str) -> None:
 
 def check_output_dirs(argv: list[str]) -> None:
     """Hydra creates the job's output directory before any code of ours runs, and fails with a traceback when it
-    cannot: check the output directories given on the command line first (``hydra.run.dir``, ``hydra.sweep.dir``)."""
+    cannot: check the output directory first, as given on the command line (``hydra.run.dir``, ``hydra.sweep.dir``)
+    or else the default's root under the working directory (``outputs/``, ``multirun/``: conf/config.yaml)."""
+    multirun = "-m" in argv or "--multirun" in argv
+    dirs = {"hydra.sweep.dir": "multirun"} if multirun else {"hydra.run.dir": "outputs"}
     for arg in argv[1:]:
         key, _, value = arg.partition("=")
-        if key.lstrip("+") not in ("hydra.run.dir", "hydra.sweep.dir") or not value or "${" in value:
-            continue
+        key = key.lstrip("+")
+        if key in ("hydra.run.dir", "hydra.sweep.dir") and value and "${" not in value:
+            dirs[key] = value
+    for key, value in dirs.items():
         existing = Path(value).expanduser().absolute()
         while not existing.exists():  # the nearest existing ancestor must be a writable directory
             existing = existing.parent
