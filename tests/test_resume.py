@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 COMMON = [
     "model=tiny", "task=arith", "task.min_steps=1", "task.max_steps=1", "task.max_number=9", "task.n_train=64",
     "task.n_test=8", "init=sft", "init.max_steps=20", "eval.k=2", "eval.max_new_tokens=24", "seed=0",
-    "checkpoint_every=1",
+    "checkpoint_every=1", "stage_checkpoint_every=5",
 ]  # fmt: skip
 EI = [
     *COMMON, "algo=ei", "algo.rounds=3", "algo.num_samples=2", "algo.n_questions=16", "algo.max_new_tokens=24",
@@ -159,7 +159,8 @@ def resumed(tmp_path_factory):
 
 
 def kill_a_stage_builder(tmp: Path, stages: Path) -> list[str]:
-    """Start a job that builds the SFT stage and SIGKILL it mid-build; returns what it left in the stage folder."""
+    """Start a job that builds the SFT stage and SIGKILL it mid-build, after its first checkpoint of the fine-tuning
+    (step 5 of 12); returns what it left in the stage folder."""
     cache = tmp / "cache_killed"
     cache.mkdir()
     (cache / "stages").symlink_to(stages)
@@ -168,7 +169,7 @@ def kill_a_stage_builder(tmp: Path, stages: Path) -> list[str]:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "REASONING_RL_THREADS": "1"}
     process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     deadline = time.monotonic() + 600
-    while not list(stages.glob("sft/.*")):  # the temporary directory the builder writes into
+    while not list(stages.glob("sft/*.progress/state.json")):  # names the SFT stage's first checkpoint of its training
         assert process.poll() is None and time.monotonic() < deadline, "the builder ended before it was killed"
         time.sleep(0.02)
     os.kill(process.pid, signal.SIGKILL)
@@ -181,8 +182,14 @@ def test_a_stage_builder_killed_mid_build_leaves_nothing_usable(resumed):
     (key,) = [name.removesuffix(".lock") for name in leftovers if name.endswith(".lock")]
     assert any(name.startswith(f".{key}.") for name in leftovers)  # its half-written temporary directory
     assert key not in leftovers  # and no stage under the name others look for
+    assert f"{key}.progress" in leftovers  # but a checkpoint of its fine-tuning, after step 5 of 12
     assert not list((stages / "sft").glob(".*"))  # the next builder removed the leftover before building
     assert (stages / "sft" / key / "stage.json").is_file()
+    assert not (stages / "sft" / f"{key}.progress").exists()  # and its progress, once the stage was in place
+    # The next builder continued the fine-tuning from that checkpoint instead of starting again.
+    logs = [(job.tmp / f"{job.name}.1.log").read_text() for algo in ("ei", "ppo") for job in resumed[algo][:2]]
+    (builder,) = [log for log in logs if "stage sft: computed" in log]
+    assert "sft fine-tune: resuming after step 5 of 12" in builder
 
 
 def test_four_jobs_needing_one_stage_at_once_build_it_once(resumed):

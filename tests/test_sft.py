@@ -17,6 +17,7 @@ from reasoning_rl.algos.sft import (
     summed_token_loss,
     tokenize_examples,
 )
+from reasoning_rl.checkpointing import Checkpointer
 from reasoning_rl.config import ModelConfig, ModelSource
 from reasoning_rl.models import build_tiny_model, build_tiny_tokenizer
 from reasoning_rl.tracking import NullTracker
@@ -126,3 +127,40 @@ def test_loss_on_target_positions_equals_the_full_logits_loss():
         logits[:, :-1].reshape(-1, logits.shape[-1]), batch["labels"][:, 1:].reshape(-1), reduction="sum"
     )  # ignore_index defaults to -100 = IGNORE_INDEX
     torch.testing.assert_close(summed_token_loss(model, batch), expected)
+
+
+class Killed(Exception):
+    """Stands in for SIGKILL inside one process: the loop stops mid-way and its in-memory state is dropped."""
+
+
+def test_finetune_killed_mid_way_resumes_from_its_checkpoint_to_the_same_weights(tmp_path):
+    tok = build_tiny_tokenizer()
+    init = build_tiny_model(TINY, len(tok), seed=0)
+    examples = [("Q: 1+2\n", "1+2=3\n#### 3"), ("Q: 10+20\n", "#### 30"), ("Q:\n", "5"), ("Q: 7\n", "7*1=7\n#### 7")]
+    params = FinetuneParams(lr=1e-2, epochs=6, batch_size=3, micro_batch_size=3, max_seq_len=64, seed=0)
+
+    def run(checkpoints=None, kill_at_call=None):
+        calls = 0
+
+        def loss(model, batch):
+            nonlocal calls
+            calls += 1
+            if calls == kill_at_call:
+                raise Killed
+            return summed_token_loss(model, batch)
+
+        model = copy.deepcopy(init)
+        torch.manual_seed(1)
+        stats = finetune(model, tok, examples, params, NullTracker(), progress=False, loss_fn=loss,
+                         checkpoints=checkpoints, checkpoint_every=2)  # fmt: skip
+        return model, {**stats, "steps run": calls}
+
+    reference, reference_stats = run()
+    with pytest.raises(Killed):  # in step 4 (one call per step): the checkpoint after step 2 is the latest
+        run(Checkpointer(tmp_path, 0, restore=True), kill_at_call=4)
+    assert [p.name for p in tmp_path.glob("ckpt-*")] == ["ckpt-000002"] and reference_stats["steps"] == 6
+    resumed, resumed_stats = run(Checkpointer(tmp_path, 0, restore=True))
+    assert resumed_stats.pop("steps run") == 4 and reference_stats.pop("steps run") == 6  # steps 3-6 only
+    for (name, a), (_, b) in zip(reference.named_parameters(), resumed.named_parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
+    assert resumed_stats == reference_stats  # the losses of the steps before the kill came back with the checkpoint

@@ -67,6 +67,8 @@ def test_every_job_of_every_sweep_composes_at_every_scale(sweep, model):
         if model == "tiny":  # conf/scale/tiny_<algo>.yaml sized the run for a CPU
             assert cfg.task.n_train == 2000 and cfg.eval.max_new_tokens == 48
             assert getattr(cfg.algo, "max_new_tokens", 48) == 48
+            # conf/scale/init/tiny_pretrained.yaml: room for the 4-shot prompts (~490 characters)
+            assert cfg.model.max_seq_len == (640 if cfg.init.name.value == "pretrained" else 384)
         else:
             assert cfg.task.name == "gsm8k" and cfg.task.n_train is None
     expected = {"sft_table": SFT_TABLE, "pretrained_table": PRETRAINED_TABLE,

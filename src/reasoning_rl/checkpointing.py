@@ -2,7 +2,8 @@
 
 A run is identified by its config, not by Hydra's time-named output directory: the key is the SHA-256 of the
 resolved config (minus the fields that only say how to run it: ``resume``, ``checkpoint_every``,
-``logger.run_name``) and the MLflow store it logs to. Everything about the run lives in ``<cache_dir>/runs/<key>/``:
+``stage_checkpoint_every``, ``logger.run_name``) and the MLflow store it logs to. Everything about the run lives in
+``<cache_dir>/runs/<key>/``:
 
     state.json        the MLflow run id, the latest checkpoint and its step, and, once done, the final metrics
     ckpt-000003/      the latest checkpoint: <module>.safetensors (policy, value head), tensors.safetensors
@@ -52,7 +53,7 @@ DATA_FILE = "data.json"
 TENSORS_FILE = "tensors.safetensors"
 CHECKPOINT_PREFIX = "ckpt-"
 # Fields that say how to run a config, not what it computes: changing them resumes the same run.
-NOT_IN_KEY = ("resume", "checkpoint_every")
+NOT_IN_KEY = ("resume", "checkpoint_every", "stage_checkpoint_every")
 
 
 class RunBusyError(OSError):

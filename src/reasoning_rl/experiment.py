@@ -30,7 +30,7 @@ from reasoning_rl.evaluation import EvalResult, write_records
 from reasoning_rl.models import TORCH_DTYPES, load_checkpoint, load_policy, resolve_device, save_checkpoint
 from reasoning_rl.prompts import build_prompt, pick_exemplars
 from reasoning_rl.run_context import RunContext, evaluate_policy, finetune_params
-from reasoning_rl.stages import cached_stage, init_stage_inputs
+from reasoning_rl.stages import cached_stage, init_stage_inputs, progress_dir
 from reasoning_rl.tasks import load_task
 from reasoning_rl.tracking import Tracker
 
@@ -111,11 +111,15 @@ def apply_init(ctx: RunContext) -> Callable[[str], str]:
             grad_clip=init.grad_clip,
         )
         examples = [(prompt_fn(p.question), p.reference) for p in ctx.splits.train]
-        stats = finetune(ctx.model, ctx.tokenizer, examples, params, ctx.tracker, metric_prefix="sft")
+        # checkpoints of the fine-tuning itself: a job killed half-way through SFT is continued by the next
+        checkpoints = Checkpointer(progress_dir(Path(cfg.cache_dir), "sft", inputs), 0, restore=cfg.resume)
+        stats = finetune(ctx.model, ctx.tokenizer, examples, params, ctx.tracker, metric_prefix="sft",
+                         checkpoints=checkpoints, checkpoint_every=cfg.stage_checkpoint_every)  # fmt: skip
         save_checkpoint(ctx.model, ctx.tokenizer, directory / "model")
         (directory / "stats.json").write_text(json.dumps(stats))
 
-    stage = cached_stage(Path(cfg.cache_dir), "sft", init_stage_inputs(cfg, ctx.splits.train), build_sft, ctx.tracker)
+    inputs = init_stage_inputs(cfg, ctx.splits.train)
+    stage = cached_stage(Path(cfg.cache_dir), "sft", inputs, build_sft, ctx.tracker)
     checkpoint = stage.path / "model"
     if stage.reused:
         ctx.model, ctx.tokenizer = load_checkpoint(checkpoint, ctx.device, TORCH_DTYPES[cfg.model.dtype])

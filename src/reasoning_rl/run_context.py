@@ -72,5 +72,6 @@ def finetune_params(
         max_seq_len=model.max_seq_len,
         seed=seed,
         max_steps=max_steps,
+        gradient_checkpointing=model.gradient_checkpointing,
         **schedule,
     )

@@ -9,6 +9,10 @@ A stage is never seen half-written: it is built in a temporary directory beside 
 (its inputs, for the curious) is written last, and the directory is renamed into place. A crash leaves at most a
 temporary directory, which the next builder of that stage deletes. Delete ``<cache_dir>/stages`` to recompute
 everything.
+
+A long build may keep checkpoints of its own progress in ``<key>.progress`` (:func:`progress_dir`; the SFT stage
+does), so that a builder killed half-way is continued by the next one instead of restarted; only the lock holder
+touches it, and it is deleted once the stage is in place.
 """
 
 from __future__ import annotations
@@ -69,7 +73,8 @@ def data_fingerprint(problems: Sequence[Problem]) -> str:
 def init_stage_inputs(cfg: ExperimentConfig, train: Sequence[Problem]) -> dict[str, Any]:
     """What determines the init policy (the SFT checkpoint): the base model and its training settings, the
     training problems, the init and the seed. Every stage built from the init policy includes these."""
-    model = {k: v for k, v in plain(cfg.model).items() if k != "sample_batch_size"}  # sampling only
+    how_to_run = ("sample_batch_size", "gradient_checkpointing")  # not what the stage computes
+    model = {k: v for k, v in plain(cfg.model).items() if k not in how_to_run}
     return {
         "model": model,
         "task": cfg.task.name,
@@ -77,6 +82,18 @@ def init_stage_inputs(cfg: ExperimentConfig, train: Sequence[Problem]) -> dict[s
         "init": cfg.init,
         "seed": cfg.seed,
     }
+
+
+def stage_path(cache_dir: Path, name: str, inputs: Mapping[str, Any]) -> Path:
+    return Path(cache_dir) / "stages" / name / stage_key(name, inputs)
+
+
+def progress_dir(cache_dir: Path, name: str, inputs: Mapping[str, Any]) -> Path:
+    """Where the builder of a stage may checkpoint its progress (see the module docstring); created on demand."""
+    final = stage_path(cache_dir, name, inputs)
+    path = final.with_name(final.name + ".progress")
+    path.mkdir(parents=True, exist_ok=True)
+    return path
 
 
 @dataclass(frozen=True)
@@ -95,8 +112,7 @@ def cached_stage(
     ``build`` writes the stage's files into the (empty, temporary) directory it is given. The run is tagged
     ``stage/<name>`` with "reused <path>" or "computed <path>", so a run says which stages it shared.
     """
-    key = stage_key(name, inputs)
-    final = Path(cache_dir) / "stages" / name / key
+    final = stage_path(cache_dir, name, inputs)
     reused = (final / MANIFEST).is_file()
     if not reused:
         final.parent.mkdir(parents=True, exist_ok=True)
@@ -106,9 +122,10 @@ def cached_stage(
                 for stale in final.parent.glob(f".{final.name}.*"):  # left by a builder that was killed; we hold
                     shutil.rmtree(stale, ignore_errors=True)  # the lock, so no live builder is using it
                 _build_atomically(final, name, inputs, build)
+                shutil.rmtree(final.with_name(final.name + ".progress"), ignore_errors=True)  # done with
     log.info("stage %s: %s %s", name, "reused" if reused else "computed", final)
     tracker.set_tags({f"stage/{name}": f"{'reused' if reused else 'computed'} {final}"})
-    return Stage(name, key, final, reused)
+    return Stage(name, final.name, final, reused)
 
 
 def _build_atomically(final: Path, name: str, inputs: Mapping[str, Any], build: Callable[[Path], None]) -> None:

@@ -28,13 +28,14 @@ from safetensors.torch import load_file, save_file
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from reasoning_rl.algos.sft import IGNORE_INDEX, finetune
+from reasoning_rl.checkpointing import Checkpointer
 from reasoning_rl.config import ConfigError
 from reasoning_rl.metrics import mean, roc_auc
 from reasoning_rl.models import TORCH_DTYPES, load_checkpoint, save_checkpoint
 from reasoning_rl.prompts import STOP_STRINGS
 from reasoning_rl.rollout import SamplingParams, generate
 from reasoning_rl.run_context import RunContext, finetune_params
-from reasoning_rl.stages import cached_stage, init_stage_inputs
+from reasoning_rl.stages import cached_stage, init_stage_inputs, progress_dir
 from reasoning_rl.tasks import is_correct, step_prefixes
 
 log = logging.getLogger(__name__)
@@ -193,7 +194,10 @@ def load_or_train(ctx: RunContext) -> OutcomeRewardModel:
         examples = [(r["prompt"], r["completion"], float(r["correct"])) for r in trained_on]
         log.info("ORM: %d training samples, %.1f%% correct", len(examples), 100 * mean([e[2] for e in examples]))
         params = finetune_params(ctx, lr=orm_cfg.lr, epochs=orm_cfg.epochs, max_steps=orm_cfg.max_steps, seed=cfg.seed)
-        finetune(orm, orm.tokenizer, examples, params, ctx.tracker, metric_prefix="orm", loss_fn=summed_outcome_loss)
+        # checkpoints of the training itself: a job killed half-way is continued by the next that needs the ORM
+        checkpoints = Checkpointer(progress_dir(cache_dir, "orm", orm_inputs), 0, restore=cfg.resume)
+        finetune(orm, orm.tokenizer, examples, params, ctx.tracker, metric_prefix="orm", loss_fn=summed_outcome_loss,
+                 checkpoints=checkpoints, checkpoint_every=cfg.stage_checkpoint_every)  # fmt: skip
         heldout = [r for r in records if r["problem_id"] in heldout_ids]
         scores = orm.score_prefixes([r["prompt"] for r in heldout], [r["completion"] for r in heldout])
         metrics = {**heldout_metrics(scores, [r["correct"] for r in heldout]), "train/orm_samples": len(examples)}
@@ -201,13 +205,8 @@ def load_or_train(ctx: RunContext) -> OutcomeRewardModel:
         (directory / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
 
     training_inputs = {k: getattr(orm_cfg, k) for k in ("heldout_fraction", "epochs", "max_steps", "lr")}
-    orm_stage = cached_stage(
-        cache_dir,
-        "orm",
-        {**init_stage_inputs(cfg, ctx.splits.train), "samples": samples_stage.key, "training": training_inputs},
-        train,
-        ctx.tracker,
-    )
+    orm_inputs = {**init_stage_inputs(cfg, ctx.splits.train), "samples": samples_stage.key, "training": training_inputs}
+    orm_stage = cached_stage(cache_dir, "orm", orm_inputs, train, ctx.tracker)
     metrics = json.loads((orm_stage.path / "metrics.json").read_text())
     ctx.tracker.log_metrics(metrics)
     log.info("ORM held-out: %s", ", ".join(f"{k.split('/')[-1]}={v:.3f}" for k, v in metrics.items()))

@@ -7,6 +7,10 @@ trains with the same loop and its own loss (``loss_fn``).
 Optimiser: AdamW, linear warm-up then cosine decay to ``lr * min_lr_ratio``, gradient accumulation over
 micro-batches, gradient-norm clipping. The loss of a batch is the mean over all of its target tokens (not the mean
 of micro-batch means), so one batch of 4 and four accumulated micro-batches of 1 give the same update.
+
+Given a :class:`~reasoning_rl.checkpointing.Checkpointer`, :func:`finetune` saves its whole state (weights, AdamW's
+moments, the schedule, the data order and the RNGs) every ``checkpoint_every`` steps and, called again after a kill,
+continues from the last one to the same weights an uninterrupted run reaches (the SFT stage, ``experiment.py``).
 """
 
 from __future__ import annotations
@@ -21,6 +25,8 @@ import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from reasoning_rl.checkpointing import Checkpointer
+from reasoning_rl.config import ConfigError
 from reasoning_rl.tracking import Tracker
 
 log = logging.getLogger(__name__)
@@ -77,7 +83,10 @@ def tokenize_examples(
     if dropped:
         log.warning("dropped %d of %d examples longer than max_seq_len=%d", dropped, len(examples), max_seq_len)
     if not tokenized:
-        raise ValueError(f"no training example fits in max_seq_len={max_seq_len}; raise model.max_seq_len.")
+        raise ConfigError(
+            f"all {len(examples)} training examples are longer than model.max_seq_len={max_seq_len} tokens (prompt "
+            "and completion); raise model.max_seq_len, or shorten the prompts (fewer exemplars: init.n_shots)."
+        )
     return tokenized
 
 
@@ -135,11 +144,15 @@ def finetune(
     step_offset: int = 0,
     progress: bool = True,
     loss_fn: Callable[[torch.nn.Module, dict[str, torch.Tensor]], torch.Tensor] = summed_token_loss,
+    checkpoints: Checkpointer | None = None,
+    checkpoint_every: int = 0,
 ) -> dict[str, float]:
     """Fine-tune ``model`` in place on (prompt, completion) pairs; returns summary statistics.
 
     ``loss_fn(model, batch)`` returns the loss summed over the batch's target tokens (the completion tokens and
     EOS): next-token cross-entropy by default, the ORM's binary cross-entropy for (prompt, completion, outcome).
+    With ``checkpoints``, the loop starts from their latest checkpoint when there is one, and saves one every
+    ``checkpoint_every`` optimizer steps (0: never); the caller deletes them once the result is safe.
     """
     data = tokenize_examples(tokenizer, examples, params.max_seq_len)
     device = next(model.parameters()).device
@@ -162,7 +175,24 @@ def finetune(
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     losses: list[float] = []
-    bar = tqdm(range(total_steps), desc=f"{metric_prefix} fine-tune", disable=not progress, dynamic_ncols=True)
+    first_step = 0
+    saved = checkpoints.restore() if checkpoints is not None else None
+    if saved is not None:  # a killed run: continue exactly where its last checkpoint left off
+        saved.load_modules(model=model)
+        optimizer.load_state_dict(saved.data["optimizer"])
+        scheduler.load_state_dict(saved.data["scheduler"])
+        version, internal, gauss = saved.data["data_rng"]
+        rng.setstate((version, tuple(internal), gauss))
+        order, losses, first_step = saved.data["order"], saved.data["losses"], saved.step
+        log.info("%s fine-tune: resuming after step %d of %d", metric_prefix, first_step, total_steps)
+    bar = tqdm(
+        range(first_step, total_steps),
+        desc=f"{metric_prefix} fine-tune",
+        initial=first_step,
+        total=total_steps,
+        disable=not progress,
+        dynamic_ncols=True,
+    )
     for step in bar:
         # 1. draw the next batch (reshuffle at each epoch boundary)
         if len(order) < params.batch_size:
@@ -202,6 +232,12 @@ def finetune(
                 },
                 step=step_offset + step + 1,
             )
+        # 4. checkpoint (not after the last step: the caller saves the result itself)
+        if checkpoints is not None and checkpoint_every > 0 and (step + 1) % checkpoint_every == 0:
+            if step + 1 < total_steps:
+                state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                         "data_rng": rng.getstate(), "order": order, "losses": losses}  # fmt: skip
+                checkpoints.save(step + 1, state, {"model": model})
     if checkpointing:
         disable = getattr(model, "activation_checkpointing_disable", None) or model.gradient_checkpointing_disable
         disable()
