@@ -233,11 +233,11 @@ def finetune(
                 step=step_offset + step + 1,
             )
         # 4. checkpoint (not after the last step: the caller saves the result itself)
-        if checkpoints is not None and checkpoint_every > 0 and (step + 1) % checkpoint_every == 0:
-            if step + 1 < total_steps:
-                state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                         "data_rng": rng.getstate(), "order": order, "losses": losses}  # fmt: skip
-                checkpoints.save(step + 1, state, {"model": model})
+        due = checkpoint_every > 0 and (step + 1) % checkpoint_every == 0 and step + 1 < total_steps
+        if checkpoints is not None and due:
+            state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                     "data_rng": rng.getstate(), "order": order, "losses": losses}  # fmt: skip
+            checkpoints.save(step + 1, state, {"model": model})
     if checkpointing:
         disable = getattr(model, "activation_checkpointing_disable", None) or model.gradient_checkpointing_disable
         disable()
