@@ -88,10 +88,13 @@ def stage_path(cache_dir: Path, name: str, inputs: Mapping[str, Any]) -> Path:
     return Path(cache_dir) / "stages" / name / stage_key(name, inputs)
 
 
+def _progress_path(final: Path) -> Path:
+    return final.with_name(final.name + ".progress")
+
+
 def progress_dir(cache_dir: Path, name: str, inputs: Mapping[str, Any]) -> Path:
     """Where the builder of a stage may checkpoint its progress (see the module docstring); created on demand."""
-    final = stage_path(cache_dir, name, inputs)
-    path = final.with_name(final.name + ".progress")
+    path = _progress_path(stage_path(cache_dir, name, inputs))
     path.mkdir(parents=True, exist_ok=True)
     return path
 
@@ -122,7 +125,7 @@ def cached_stage(
                 for stale in final.parent.glob(f".{final.name}.*"):  # left by a builder that was killed; we hold
                     shutil.rmtree(stale, ignore_errors=True)  # the lock, so no live builder is using it
                 _build_atomically(final, name, inputs, build)
-                shutil.rmtree(final.with_name(final.name + ".progress"), ignore_errors=True)  # done with
+                shutil.rmtree(_progress_path(final), ignore_errors=True)  # the stage is in place: done with it
     log.info("stage %s: %s %s", name, "reused" if reused else "computed", final)
     tracker.set_tags({f"stage/{name}": f"{'reused' if reused else 'computed'} {final}"})
     return Stage(name, final.name, final, reused)
