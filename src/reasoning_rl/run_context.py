@@ -11,8 +11,9 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from reasoning_rl.algos.sft import FinetuneParams
-from reasoning_rl.config import ExperimentConfig
+from reasoning_rl.config import ExperimentConfig, ModelConfig
 from reasoning_rl.evaluation import EvalResult, evaluate
+from reasoning_rl.lora import LoraParams
 from reasoning_rl.tasks import TaskSplits
 from reasoning_rl.tracking import Tracker
 
@@ -73,5 +74,13 @@ def finetune_params(
         seed=seed,
         max_steps=max_steps,
         gradient_checkpointing=model.gradient_checkpointing,
+        lora=lora_params(model),
         **schedule,
     )
+
+
+def lora_params(model: ModelConfig) -> LoraParams | None:
+    """The LoRA settings of ``model.lora_*``; None when ``model.lora_rank`` is 0 (train every weight)."""
+    if not model.lora_rank:
+        return None
+    return LoraParams(rank=model.lora_rank, alpha=model.lora_alpha, dropout=model.lora_dropout)

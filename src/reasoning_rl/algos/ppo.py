@@ -61,6 +61,7 @@ from reasoning_rl.algos.ppo_math import (
 from reasoning_rl.algos.sft import TokenizedExample, collate
 from reasoning_rl.config import KLEstimator, PPOConfig, RewardName
 from reasoning_rl.evaluation import EvalResult
+from reasoning_rl.lora import adapters_disabled, attach_adapters, merge_adapters
 from reasoning_rl.prompts import STOP_STRINGS
 from reasoning_rl.rewards import (
     dense_rewards,
@@ -71,7 +72,7 @@ from reasoning_rl.rewards import (
     token_char_ends,
 )
 from reasoning_rl.rollout import Sample, SamplingParams, generate
-from reasoning_rl.run_context import RunContext, evaluate_policy
+from reasoning_rl.run_context import RunContext, evaluate_policy, lora_params
 from reasoning_rl.tasks import Problem, is_correct
 
 log = logging.getLogger(__name__)
@@ -211,9 +212,15 @@ def orm_scores(ctx: RunContext, problems: Sequence[Problem], prefixes: Sequence[
 
 @torch.no_grad()
 def evaluate_rollouts(
-    model: PreTrainedModel, value_head: torch.nn.Module, ref_model: PreTrainedModel, batch: Batch, micro_batch_size: int
+    model: PreTrainedModel,
+    value_head: torch.nn.Module,
+    ref_model: PreTrainedModel | None,
+    batch: Batch,
+    micro_batch_size: int,
 ) -> None:
-    """Phase 3: fill old_logprobs, old_values, entropy (policy) and ref_logprobs (reference) in ``batch``."""
+    """Phase 3: fill old_logprobs, old_values, entropy (policy) and ref_logprobs (reference) in ``batch``.
+
+    ``ref_model`` None: the reference is ``model`` with its LoRA adapters switched off (``model.lora_rank > 0``)."""
     shape = batch["mask"].shape
     for key in ("old_logprobs", "old_values", "entropy", "ref_logprobs"):
         batch[key] = torch.zeros(shape)  # (N, T)
@@ -226,7 +233,11 @@ def evaluate_rollouts(
         batch["old_logprobs"][rows, :n] = token_logprobs(logits, response_ids).cpu()
         batch["old_values"][rows, :n] = values.cpu()
         batch["entropy"][rows, :n] = entropy(logits).cpu()
-        ref_logits, _ = forward(ref_model, None, mb)
+        if ref_model is None:
+            with adapters_disabled(model):
+                ref_logits, _ = forward(model, None, mb)
+        else:
+            ref_logits, _ = forward(ref_model, None, mb)
         batch["ref_logprobs"][rows, :n] = token_logprobs(ref_logits, response_ids).cpu()
     for key in ("old_logprobs", "old_values", "entropy", "ref_logprobs"):
         batch[key] *= batch["mask"]
@@ -323,12 +334,18 @@ def run(ctx: RunContext) -> EvalResult:
     model, tokenizer = ctx.model, ctx.tokenizer
     minibatch_size = cfg.minibatch_size or ctx.cfg.model.train_batch_size
     micro_batch_size = cfg.micro_batch_size or ctx.cfg.model.micro_batch_size
-    ref_model = copy.deepcopy(model).eval().requires_grad_(False)  # pi_ref: the initial policy, frozen
+    adapters = lora_params(ctx.cfg.model)
+    if adapters is None:
+        ref_model = copy.deepcopy(model).eval().requires_grad_(False)  # pi_ref: the initial policy, frozen
+    else:  # pi_ref is the policy with its adapters off: no second copy of the weights
+        ref_model = None
+        attach_adapters(model, adapters)
     model.eval()  # no dropout: see the module docstring
     value_head = new_value_head(model)
     lr = cfg.lr if cfg.lr is not None else ctx.cfg.model.lr / 10
+    policy_params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(
-        [{"params": model.parameters()}, {"params": value_head.parameters(), "lr": cfg.value_lr or lr}],
+        [{"params": policy_params}, {"params": value_head.parameters(), "lr": cfg.value_lr or lr}],
         lr=lr,
         weight_decay=0.0,
     )
@@ -450,4 +467,6 @@ def run(ctx: RunContext) -> EvalResult:
             ctx.checkpoints.save(step, state, {"policy": model, "value_head": value_head})
     if result is None:  # resumed after the last step: its evaluation is logged already
         result = evaluate_policy(ctx, step=cfg.steps)
+    if adapters is not None:
+        merge_adapters(model)  # the trained policy, as a plain model
     return result

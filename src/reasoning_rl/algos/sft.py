@@ -27,6 +27,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from reasoning_rl.checkpointing import Checkpointer
 from reasoning_rl.config import ConfigError
+from reasoning_rl.lora import LoraParams, attach_adapters, merge_adapters
 from reasoning_rl.tracking import Tracker
 
 log = logging.getLogger(__name__)
@@ -49,6 +50,7 @@ class FinetuneParams:
     grad_clip: float = 1.0
     log_every: int = 10  # optimizer steps between train/ metric logs
     gradient_checkpointing: bool = False  # recompute activations in the backward pass: less memory, ~30% more time
+    lora: LoraParams | None = None  # train LoRA adapters (merged into the weights at the end), not every weight
 
 
 @dataclass(frozen=True)
@@ -161,7 +163,10 @@ def finetune(
     if params.max_steps is not None:
         total_steps = min(total_steps, params.max_steps)
     warmup_steps = max(1, round(params.warmup_ratio * total_steps))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=params.lr, weight_decay=params.weight_decay)
+    if params.lora is not None:
+        attach_adapters(model, params.lora)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=params.lr, weight_decay=params.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_multiplier(s, total_steps, warmup_steps, params.min_lr_ratio)
     )
@@ -214,7 +219,7 @@ def finetune(
             (mb_loss_sum / max(1, num_target_tokens)).backward()
             batch_loss += mb_loss_sum.item()
         # 3. clip, step, schedule
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), params.grad_clip)
+        grad_norm = torch.nn.utils.clip_grad_norm_(trainable, params.grad_clip)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
@@ -241,6 +246,8 @@ def finetune(
     if checkpointing:
         disable = getattr(model, "activation_checkpointing_disable", None) or model.gradient_checkpointing_disable
         disable()
+    if params.lora is not None:
+        merge_adapters(model)
     model.eval()
     tail = losses[-max(1, len(losses) // 10) :]
     return {"steps": float(total_steps), "examples": float(len(data)), "final_loss": sum(tail) / len(tail)}
