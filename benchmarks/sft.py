@@ -6,12 +6,17 @@ learning rate and number of optimizer steps (one pass over the examples), altern
 Trainer is the plain one: random micro-batches padded to their longest sequence (``DataCollatorForSeq2Seq``), the
 model's own loss over the full (B, T, V) logits. Ours sorts each optimizer batch by length before cutting it into
 micro-batches (less padding, the same summed loss) and computes logits only at target positions. Tokens/s counts
-real tokens (prompt + solution + EOS, no padding). Each run is a fresh process (model loading is not timed), so its
-peak memory (the resident-set high-water mark, ru_maxrss) is its own. ``--gradient-checkpointing`` adds a run of
-our loop with activation checkpointing (less memory, more compute). The last line compares bf16 with fp32 matmul
-speed on this machine (CPUs without native bf16 emulate it).
+real tokens (prompt + solution + EOS, no padding); "% of ceiling" is the loop's useful matmul work per second (6 x
+the weights of the decoder's linear layers per real token, and 6 x lm_head's per target token) over the fp32 matmul
+rate measured before and after the runs: how much a faster loop could still gain. Each run is a fresh process
+(model loading is not timed), so its peak memory (the resident-set high-water mark, ru_maxrss) is its own.
+``--gradient-checkpointing`` adds a run of our loop with activation checkpointing (less memory, more compute),
+``--lora-rank R`` one that trains LoRA adapters of rank R instead of every weight (less memory: no gradients or
+AdamW moments for the weights). The last line compares bf16 with fp32 matmul speed on this machine (CPUs without
+native bf16 emulate it).
 
-    .venv/bin/python benchmarks/sft.py --model smollm2_135m --examples 32 --threads 1 --gradient-checkpointing
+    .venv/bin/python benchmarks/sft.py --model smollm2_135m --examples 32 --threads 1 --gradient-checkpointing \
+        --lora-rank 8
     .venv/bin/python benchmarks/sft.py --model tiny --examples 64
 """
 
@@ -34,6 +39,7 @@ from transformers import DataCollatorForSeq2Seq, PreTrainedModel, PreTrainedToke
 
 from reasoning_rl.algos.sft import FinetuneParams, finetune, tokenize_examples
 from reasoning_rl.config import ModelConfig, ModelSource
+from reasoning_rl.lora import LoraParams
 from reasoning_rl.models import load_policy, resolve_device
 from reasoning_rl.prompts import format_question
 from reasoning_rl.tasks.gsm8k import read_gsm8k_jsonl
@@ -58,6 +64,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--repeats", type=int, default=1, help="alternate the loops this often; report the best")
     p.add_argument("--gradient-checkpointing", action="store_true", help="also time ours with checkpointing")
+    p.add_argument("--lora-rank", type=int, default=0, help="also time ours training LoRA adapters of this rank")
     return p.parse_args()
 
 
@@ -92,10 +99,11 @@ def run_trainer(model: PreTrainedModel, tok: PreTrainedTokenizerBase, data: list
 
 
 def run_ours(model: PreTrainedModel, tok: PreTrainedTokenizerBase, examples: list, args: argparse.Namespace,
-             checkpointing: bool = False) -> None:  # fmt: skip
+             checkpointing: bool = False, lora_rank: int = 0) -> None:  # fmt: skip
+    adapters = LoraParams(rank=lora_rank, alpha=16.0, dropout=0.0) if lora_rank else None  # the config's alpha
     params = FinetuneParams(lr=args.lr, epochs=1, batch_size=args.batch_size, micro_batch_size=args.micro_batch_size,
                             max_seq_len=MODELS[args.model].max_seq_len, seed=0,
-                            gradient_checkpointing=checkpointing)  # fmt: skip
+                            gradient_checkpointing=checkpointing, lora=adapters)  # fmt: skip
     finetune(model, tok, examples, params, NullTracker(), progress=False)
 
 
@@ -122,17 +130,30 @@ def one_run(name: str, args: argparse.Namespace) -> tuple[float, float]:
     if name == "transformers Trainer":
         run_trainer(model, tok, data, args, Path("/tmp") / "reasoning_rl_sft_bench")
     else:
-        run_ours(model, tok, examples, args, checkpointing="checkpointing" in name)
+        run_ours(model, tok, examples, args, checkpointing="checkpointing" in name,
+                 lora_rank=args.lora_rank if "LoRA" in name else 0)  # fmt: skip
     seconds = time.perf_counter() - start
     return seconds, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def training_flops(model: PreTrainedModel, data: list) -> float:
+    """The matmul work one pass needs: forward + backward = 6 x the weights a token goes through, lm_head only at
+    the target positions (what the loss needs). Attention over the context is left out."""
+    head = model.get_output_embeddings().weight.numel()
+    trunk = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear)) - head
+    targets = sum(len(ex.input_ids) - max(ex.prompt_len, 1) for ex in data)
+    return 6.0 * (trunk * sum(len(ex.input_ids) for ex in data) + head * targets)
 
 
 def main() -> None:
     args = parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    _, _, examples, data = load(args)
+    model, _, examples, data = load(args)
     tokens = sum(len(ex.input_ids) for ex in data)
+    useful_flops = training_flops(model, data)
+    del model
+    gflops = [matmul_gflops(torch.device("cpu"))]
     lengths = sorted(len(ex.input_ids) for ex in data)
     print(f"model={args.model} threads={torch.get_num_threads()} examples={len(data)} (tokens {lengths[0]}-"
           f"{lengths[-1]}, {tokens} in all) batch={args.batch_size} micro_batch={args.micro_batch_size} "
@@ -140,21 +161,27 @@ def main() -> None:
     names = ["transformers Trainer", "reasoning_rl finetune"]
     if args.gradient_checkpointing:
         names.append("reasoning_rl finetune, gradient checkpointing")
+    if args.lora_rank:
+        names.append(f"reasoning_rl finetune, LoRA rank {args.lora_rank}")
     runs: dict[str, list[tuple[float, float]]] = {name: [] for name in names}
     spawn = multiprocessing.get_context("spawn")
     for _ in range(args.repeats):  # alternate, so a slow spell of a shared machine hits every loop
         for name in names:
             with ProcessPoolExecutor(max_workers=1, mp_context=spawn) as pool:
                 runs[name].append(pool.submit(one_run, name, args).result())
-    print("| loop | real tokens | seconds (best) | tokens/s (best) | peak RSS, MiB | all runs, s |")
-    print("|---|---|---|---|---|---|")
+    gflops.append(matmul_gflops(torch.device("cpu")))
+    print(f"fp32 matmul 2048^3, GFLOP/s (before, after): {gflops[0]:.1f}, {gflops[1]:.1f}; useful work "
+          f"{useful_flops / 1e12:.2f} TFLOP")  # fmt: skip
+    print("| loop | real tokens | seconds (best) | tokens/s (best) | % of ceiling | peak RSS, MiB | all runs, s |")
+    print("|---|---|---|---|---|---|---|")
     best = {}
     for name, results in runs.items():
         seconds = min(s for s, _ in results)
         best[name] = tokens / seconds
         all_runs = ", ".join(f"{s:.1f}" for s, _ in results)
         peak = max(m for _, m in results)
-        print(f"| {name} | {tokens} | {seconds:.1f} | {best[name]:.1f} | {peak:.0f} | {all_runs} |")
+        pct = 100 * useful_flops / seconds / (max(gflops) * 1e9)
+        print(f"| {name} | {tokens} | {seconds:.1f} | {best[name]:.1f} | {pct:.0f}% | {peak:.0f} | {all_runs} |")
     print(f"ratio (ours / Trainer, tokens/s): {best['reasoning_rl finetune'] / best['transformers Trainer']:.2f}x")
     cpu = torch.device("cpu")
     fp32, bf16 = (matmul_gflops(cpu, n=1024, repeats=3, dtype=dtype) for dtype in (torch.float32, torch.bfloat16))

@@ -115,9 +115,11 @@ def test_fast_sampler_with_adapters_attached_equals_the_plain_path():
     assert [[s.token_ids for s in g] for g in fast] == [[s.token_ids for s in g] for g in plain]
 
 
-def test_a_negative_lora_rank_is_a_config_error():
+def test_bad_lora_settings_are_config_errors():
     with pytest.raises(ConfigError, match="lora_rank=-1 must be >= 0"):
         ModelConfig(name="tiny", source=ModelSource.tiny, lora_rank=-1)
+    with pytest.raises(ConfigError, match=r"lora_dropout=1.0 in \[0, 1\)"):
+        ModelConfig(name="tiny", source=ModelSource.tiny, lora_rank=8, lora_dropout=1.0)
 
 
 def test_ppo_reference_is_the_policy_with_its_adapters_off_and_updates_train_the_adapters(tokenizer):

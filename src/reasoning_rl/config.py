@@ -106,6 +106,10 @@ class ModelConfig:
             )
         if self.lora_rank < 0:
             raise ConfigError(f"model.lora_rank={self.lora_rank} must be >= 0 (0 = no LoRA: train every weight).")
+        if self.lora_rank and not (self.lora_alpha > 0 and 0 <= self.lora_dropout < 1):
+            raise ConfigError(
+                f"model.lora_alpha={self.lora_alpha} must be > 0 and model.lora_dropout={self.lora_dropout} in [0, 1)."
+            )
         if self.train_batch_size % self.micro_batch_size:
             raise ConfigError(
                 f"model.train_batch_size={self.train_batch_size} must be a multiple of "

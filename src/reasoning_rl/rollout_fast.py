@@ -18,6 +18,10 @@ embedding, MLP) so the arithmetic is the model's:
 3. **Fewer, larger operations.** The q/k/v and gate/up projections are fused into one matmul each (weights
    concatenated once per call), the decode step skips transformers' mask construction and cache bookkeeping, and
    for large vocabularies sampling draws one uniform number per row (``rollout.inverse_cdf_sample``).
+4. **CPU kernels.** Both partial attentions go through PyTorch's fused flash-attention kernel for CPU, which also
+   returns the log-sum-exp the merge needs (7% less wall time than matmul / exp / matmul over 4 prompts x 16
+   samples x 128 tokens), and every projection and lm_head through MKL's packed-weight GEMM, laid out once per call
+   for the slot count (1.13-1.15x on the gate/up projection and lm_head at 64 rows in isolation).
 
 ``rollout.generate`` takes this path by default for Llama stacks at least ``rollout.FAST_MIN_HIDDEN`` wide.
 
