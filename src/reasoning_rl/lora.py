@@ -28,7 +28,7 @@ TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj"
 
 @dataclass(frozen=True)
 class LoraParams:
-    rank: int  # the adapters' rank r; 0 = no adapters, train every weight
+    rank: int  # the adapters' rank r (> 0; no adapters at all is LoraParams None)
     alpha: float  # the update is (alpha / r) B A
     dropout: float  # dropout on the adapters' input while training
 
@@ -55,12 +55,6 @@ def attach_adapters(model: torch.nn.Module, params: LoraParams) -> None:
         )
     config = LoraConfig(r=params.rank, lora_alpha=params.alpha, lora_dropout=params.dropout, target_modules=targets)
     inject_adapter_in_model(config, lm)  # also freezes every weight of lm that is not an adapter's
-
-
-def has_adapters(model: torch.nn.Module) -> bool:
-    from peft.tuners.lora import LoraLayer
-
-    return any(isinstance(m, LoraLayer) for m in model.modules())
 
 
 def merge_adapters(model: torch.nn.Module) -> None:
