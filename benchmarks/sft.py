@@ -4,19 +4,24 @@ Both train a fresh copy of the same model on the same GSM8K (prompt, reference s
 same way, with the same optimizer batch (``--batch-size`` sequences in micro-batches of ``--micro-batch-size``),
 learning rate and number of optimizer steps (one pass over the examples), alternated in the same process. The
 Trainer is the plain one: random micro-batches padded to their longest sequence (``DataCollatorForSeq2Seq``), the
-model's own loss over the full (B, T, V) logits. Ours sorts each optimizer batch by length before cutting it into
-micro-batches (less padding, the same summed loss) and computes logits only at target positions. Tokens/s counts
+model's own loss over the full (B, T, V) logits. Ours packs each micro-batch's sequences end to end into one row (no
+padding; attention runs within each sequence, reasoning_rl/packing.py) and computes logits only at target
+positions; ``--padded`` adds a run of ours with padded micro-batches instead (sorted by length, so padding less than
+the Trainer's), which shows what packing alone gains. Tokens/s counts
 real tokens (prompt + solution + EOS, no padding); "% of ceiling" is the loop's useful matmul work per second (6 x
 the weights of the decoder's linear layers per real token, and 6 x lm_head's per target token) over the fp32 matmul
 rate measured before and after the runs: how much a faster loop could still gain. Each run is a fresh process
-(model loading is not timed), so its peak memory (the resident-set high-water mark, ru_maxrss) is its own.
+(model loading is not timed), so its peak memory (the resident-set high-water mark, ru_maxrss) is its own. The runs
+start with glibc's mmap threshold fixed at 64 KiB (MALLOC_MMAP_THRESHOLD_): by default glibc serves tensors below
+32 MiB from its heap once a large one has been freed, the heap fragments and is not given back, and the high-water
+mark then says more about the allocator's history than about the tensors a loop keeps (LoRA read 0.9 GiB *above*
+full fine-tuning that way); ``--default-malloc`` keeps glibc's default.
 ``--gradient-checkpointing`` adds a run of our loop with activation checkpointing (less memory, more compute),
 ``--lora-rank R`` one that trains LoRA adapters of rank R instead of every weight (less memory: no gradients or
 AdamW moments for the weights). The last line compares bf16 with fp32 matmul speed on this machine (CPUs without
 native bf16 emulate it).
 
-    .venv/bin/python benchmarks/sft.py --model smollm2_135m --examples 32 --threads 1 --gradient-checkpointing \
-        --lora-rank 8
+    .venv/bin/python benchmarks/sft.py --model smollm2_135m --examples 16 --threads 1 --padded --lora-rank 8
     .venv/bin/python benchmarks/sft.py --model tiny --examples 64
 """
 
@@ -26,6 +31,7 @@ import argparse
 import copy
 import logging
 import multiprocessing
+import os
 import resource
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -63,8 +69,10 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--cache-dir", default=".cache", help="where the converted GGUF is cached, relative to the repo")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--repeats", type=int, default=1, help="alternate the loops this often; report the best")
+    p.add_argument("--padded", action="store_true", help="also time ours on padded micro-batches (no packing)")
     p.add_argument("--gradient-checkpointing", action="store_true", help="also time ours with checkpointing")
     p.add_argument("--lora-rank", type=int, default=0, help="also time ours training LoRA adapters of this rank")
+    p.add_argument("--default-malloc", action="store_true", help="keep glibc's default mmap threshold (see above)")
     return p.parse_args()
 
 
@@ -99,11 +107,11 @@ def run_trainer(model: PreTrainedModel, tok: PreTrainedTokenizerBase, data: list
 
 
 def run_ours(model: PreTrainedModel, tok: PreTrainedTokenizerBase, examples: list, args: argparse.Namespace,
-             checkpointing: bool = False, lora_rank: int = 0) -> None:  # fmt: skip
+             checkpointing: bool = False, lora_rank: int = 0, pack: bool = True) -> None:  # fmt: skip
     adapters = LoraParams(rank=lora_rank, alpha=16.0, dropout=0.0) if lora_rank else None  # the config's alpha
     params = FinetuneParams(lr=args.lr, epochs=1, batch_size=args.batch_size, micro_batch_size=args.micro_batch_size,
                             max_seq_len=MODELS[args.model].max_seq_len, seed=0,
-                            gradient_checkpointing=checkpointing, lora=adapters)  # fmt: skip
+                            gradient_checkpointing=checkpointing, lora=adapters, pack_sequences=pack)  # fmt: skip
     finetune(model, tok, examples, params, NullTracker(), progress=False)
 
 
@@ -131,7 +139,7 @@ def one_run(name: str, args: argparse.Namespace) -> tuple[float, float]:
         run_trainer(model, tok, data, args, Path("/tmp") / "reasoning_rl_sft_bench")
     else:
         run_ours(model, tok, examples, args, checkpointing="checkpointing" in name,
-                 lora_rank=args.lora_rank if "LoRA" in name else 0)  # fmt: skip
+                 lora_rank=args.lora_rank if "LoRA" in name else 0, pack="padded" not in name)  # fmt: skip
     seconds = time.perf_counter() - start
     return seconds, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
@@ -159,11 +167,15 @@ def main() -> None:
           f"{lengths[-1]}, {tokens} in all) batch={args.batch_size} micro_batch={args.micro_batch_size} "
           f"optimizer steps={len(data) // args.batch_size} repeats={args.repeats}")  # fmt: skip
     names = ["transformers Trainer", "reasoning_rl finetune"]
+    if args.padded:
+        names.append("reasoning_rl finetune, padded")
     if args.gradient_checkpointing:
         names.append("reasoning_rl finetune, gradient checkpointing")
     if args.lora_rank:
         names.append(f"reasoning_rl finetune, LoRA rank {args.lora_rank}")
     runs: dict[str, list[tuple[float, float]]] = {name: [] for name in names}
+    if not args.default_malloc:  # read by glibc when each spawned run starts
+        os.environ["MALLOC_MMAP_THRESHOLD_"] = str(64 * 1024)
     spawn = multiprocessing.get_context("spawn")
     for _ in range(args.repeats):  # alternate, so a slow spell of a shared machine hits every loop
         for name in names:

@@ -17,6 +17,7 @@ A solution's score is the head's output after the solution's last token; a prefi
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import logging
 import random
@@ -194,6 +195,7 @@ def load_or_train(ctx: RunContext) -> OutcomeRewardModel:
         examples = [(r["prompt"], r["completion"], float(r["correct"])) for r in trained_on]
         log.info("ORM: %d training samples, %.1f%% correct", len(examples), 100 * mean([e[2] for e in examples]))
         params = finetune_params(ctx, lr=orm_cfg.lr, epochs=orm_cfg.epochs, max_steps=orm_cfg.max_steps, seed=cfg.seed)
+        params = dataclasses.replace(params, pack_sequences=False)  # the ORM's forward takes padded batches
         # checkpoints of the training itself: a job killed half-way is continued by the next that needs the ORM
         checkpoints = Checkpointer(progress_dir(cache_dir, "orm", orm_inputs), 0, restore=cfg.resume)
         finetune(orm, orm.tokenizer, examples, params, ctx.tracker, metric_prefix="orm", loss_fn=summed_outcome_loss,

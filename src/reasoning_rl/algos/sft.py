@@ -19,6 +19,7 @@ import logging
 import math
 import random
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -28,6 +29,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from reasoning_rl.checkpointing import Checkpointer
 from reasoning_rl.config import ConfigError
 from reasoning_rl.lora import LoraParams, attach_adapters, merge_adapters
+from reasoning_rl.packing import collate_packed, packed_attention, packed_forward_kwargs
 from reasoning_rl.tracking import Tracker
 
 log = logging.getLogger(__name__)
@@ -51,6 +53,7 @@ class FinetuneParams:
     log_every: int = 10  # optimizer steps between train/ metric logs
     gradient_checkpointing: bool = False  # recompute activations in the backward pass: less memory, ~30% more time
     lora: LoraParams | None = None  # train LoRA adapters (merged into the weights at the end), not every weight
+    pack_sequences: bool = True  # a micro-batch as one row of its sequences end to end, no padding (packing.py)
 
 
 @dataclass(frozen=True)
@@ -122,16 +125,22 @@ def summed_token_loss(model: PreTrainedModel, batch: dict[str, torch.Tensor]) ->
 
     The output layer runs on the target positions only: prompt and padding positions need no logits, and with a
     49k-token vocabulary the (B, T, V) logits and their gradient were a large share of a step's memory traffic.
+    A packed batch (:func:`~reasoning_rl.packing.collate_packed`, one row of B sequences, inside
+    :func:`~reasoning_rl.packing.packed_attention`) gives the same sum as the padded one (:func:`collate`).
     """
     shift_labels = batch["labels"][:, 1:]  # (B, T-1): position t predicts token t+1
     target = shift_labels != IGNORE_INDEX  # (B, T-1)
+    if "cu_seq_lens" in batch:
+        inputs = packed_forward_kwargs(batch)
+    else:
+        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
     head, decoder = model.get_output_embeddings(), getattr(model, "get_decoder", lambda: None)()
     if head is None or decoder is None or getattr(model.config, "final_logit_softcapping", None):
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # (B, T, V)
+        logits = model(**inputs).logits  # (B, T, V)
         target_logits = logits[:, :-1][target]  # (N, V)
     else:
-        hidden = decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
-        target_logits = head(hidden[:, :-1][target])  # (N, V): hidden (B, T, H) at the N target positions
+        hidden = decoder(**inputs).last_hidden_state  # (B, T, H)
+        target_logits = head(hidden[:, :-1][target])  # (N, V): hidden at the N target positions
     return torch.nn.functional.cross_entropy(target_logits.float(), shift_labels[target], reduction="sum")
 
 
@@ -203,7 +212,8 @@ def finetune(
         if len(order) < params.batch_size:
             order += rng.sample(range(len(data)), len(data))
         b_indices, order = order[: params.batch_size], order[params.batch_size :]
-        # sorted by length, so each micro-batch pads to a similar length; the update is the same sum of token losses
+        # sorted by length, so each micro-batch pads to a similar length (when not packed); the update is the same
+        # sum of token losses
         b_examples = sorted((data[i] for i in b_indices), key=lambda ex: len(ex.input_ids))
         # targets are tokens prompt_len..n-1 (the first token of a sequence is never predicted)
         num_target_tokens = sum(len(ex.input_ids) - max(ex.prompt_len, 1) for ex in b_examples)
@@ -211,12 +221,16 @@ def finetune(
         #    target-token count so the sum over micro-batches is the batch's token-mean loss
         batch_loss = 0.0
         for start in range(0, len(b_examples), params.micro_batch_size):
-            mb = {
-                k: v.to(device)
-                for k, v in collate(b_examples[start : start + params.micro_batch_size], tokenizer.pad_token_id).items()
-            }
-            mb_loss_sum = loss_fn(model, mb)
-            (mb_loss_sum / max(1, num_target_tokens)).backward()
+            mb_examples = b_examples[start : start + params.micro_batch_size]
+            if params.pack_sequences:
+                mb = collate_packed(mb_examples, IGNORE_INDEX)
+            else:
+                mb = collate(mb_examples, tokenizer.pad_token_id)
+            mb = {k: v.to(device) for k, v in mb.items()}
+            # the backward pass stays inside: gradient checkpointing runs the attention again there
+            with packed_attention(model) if params.pack_sequences else nullcontext():
+                mb_loss_sum = loss_fn(model, mb)
+                (mb_loss_sum / max(1, num_target_tokens)).backward()
             batch_loss += mb_loss_sum.item()
         # 3. clip, step, schedule
         grad_norm = torch.nn.utils.clip_grad_norm_(trainable, params.grad_clip)
