@@ -20,6 +20,12 @@ from reasoning_rl.rollout_fast import merge_attention, partial_attention, suppor
 
 # Prompts of different lengths: the prefix table holds prompts padded to the longest.
 PROMPTS = ["Question: 1+2?\nAnswer:", "Hi there", "What is 12 minus 7 plus 3? Think.\nAnswer:", "a", "xyz 42"]
+# Few-shot-style prompts: a long common prefix (cached once for every row), then questions of different lengths;
+# one prompt is a prefix of another, so the common part stops one token short of the shorter.
+# (The tiny model's context is 96 tokens: longer prompts would be cut from the left.)
+EXEMPLARS = "Q: 3+4?\nA: 3+4=7\n\nQ: 9-2?\nA: 9-2=7\n\nQ: "
+SHARED_PROMPTS = [EXEMPLARS + q for q in ["1+2?\nAnswer:", "12 minus 7 plus 3?\nAnswer:", "5", "5*6?", ""]]
+PROMPT_SETS = {"distinct": PROMPTS, "shared-prefix": SHARED_PROMPTS}
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -53,32 +59,38 @@ def scaled_llama(vocab_size: int, num_heads: int, num_kv_heads: int, early_eos: 
 MODELS = {"mha": (4, 4), "gqa": (6, 2)}
 
 
+@pytest.mark.parametrize("prompt_set", sorted(PROMPT_SETS))
 @pytest.mark.parametrize("kind", sorted(MODELS))
 @torch.inference_mode()
-def test_greedy_and_logprobs_equal_the_plain_path(kind: str, tokenizer: PreTrainedTokenizerBase) -> None:
+def test_greedy_and_logprobs_equal_the_plain_path(
+    kind: str, prompt_set: str, tokenizer: PreTrainedTokenizerBase
+) -> None:  # fmt: skip
     model = scaled_llama(len(tokenizer), *MODELS[kind], early_eos="aeiou h}!IG0")
     assert supports_fast_path(model)
     params = SamplingParams(temperature=0, max_new_tokens=20)
+    prompts = PROMPT_SETS[prompt_set]
     # 5 prompts x 3 copies = 15 rows through 4 slots: rows enter as others finish, prompts are prefilled mid-run.
-    fast = generate(model, tokenizer, PROMPTS, params, num_samples=3, batch_size=4, fast=True)
-    plain = generate(model, tokenizer, PROMPTS, params, num_samples=3, batch_size=4, fast=False)
+    fast = generate(model, tokenizer, prompts, params, num_samples=3, batch_size=4, fast=True)
+    plain = generate(model, tokenizer, prompts, params, num_samples=3, batch_size=4, fast=False)
     for f_samples, p_samples in zip(fast, plain, strict=True):
         for f, p in zip(f_samples, p_samples, strict=True):
             assert f.token_ids == p.token_ids and f.text == p.text and f.finish_reason == p.finish_reason
             assert f.logprobs == pytest.approx(p.logprobs, abs=1e-4)
     lengths = {len(s.token_ids) for group in fast for s in group}
-    assert len(lengths) >= 3  # rows did finish at different steps
-    assert len({t for group in fast for s in group for t in s.token_ids}) > 10  # not one repeated token
+    assert len(lengths) >= 2  # rows did finish at different steps
+    assert len({t for group in fast for s in group for t in s.token_ids}) > 5  # not one repeated token
 
 
+@pytest.mark.parametrize("prompt_set", sorted(PROMPT_SETS))
 @pytest.mark.parametrize("kind", sorted(MODELS))
 @torch.inference_mode()
-def test_sampled_logprobs_match_a_full_forward(kind: str, tokenizer: PreTrainedTokenizerBase) -> None:
+def test_sampled_logprobs_match_a_full_forward(kind: str, prompt_set: str, tokenizer: PreTrainedTokenizerBase) -> None:
     # Sampled rows take different paths, so moved rows and merged prefix/suffix attention are checked on every token.
     model = scaled_llama(len(tokenizer), *MODELS[kind], early_eos="aeiou")
     params = SamplingParams(temperature=1.0, max_new_tokens=16)
-    out = generate(model, tokenizer, PROMPTS, params, num_samples=4, seed=5, batch_size=6, fast=True)
-    for prompt, samples in zip(PROMPTS, out, strict=True):
+    prompts = PROMPT_SETS[prompt_set]
+    out = generate(model, tokenizer, prompts, params, num_samples=4, seed=5, batch_size=6, fast=True)
+    for prompt, samples in zip(prompts, out, strict=True):
         assert len({tuple(s.token_ids) for s in samples}) > 1
         for s in samples:
             expected = full_forward_logprobs(model, tokenizer(prompt).input_ids, s.token_ids)
@@ -96,14 +108,21 @@ def test_attention_split_into_prefix_and_suffix_equals_one_softmax(fused: bool, 
     q = torch.randn(5, 2, 3, 8, generator=gen)
     k, v = torch.randn(5, 2, 11, 8, generator=gen), torch.randn(5, 2, 11, 8, generator=gen)
     masked = torch.rand(5, 1, 1, 11, generator=gen) < 0.3
-    masked[..., 0] = masked[..., 7] = False  # each part keeps a key
+    masked[..., 0] = masked[..., 7] = masked[..., 9] = False  # each part ([:7], [7:9], [9:]) keeps a key
     bias = torch.where(masked, torch.finfo(torch.float32).min / 2, 0.0)
     expected = torch.softmax((q @ k.transpose(-1, -2)) * 0.3 + bias, dim=-1) @ v
     o_a, lse_a = partial_attention(q, k[:, :, :7], v[:, :, :7], bias[..., :7], 0.3)
     o_b, lse_b = partial_attention(q, k[:, :, 7:], v[:, :, 7:], bias[..., 7:], 0.3)
-    torch.testing.assert_close(merge_attention(o_a, lse_a, o_b, lse_b), expected, rtol=1e-5, atol=1e-6)
-    scores_a = (q @ k[:, :, :7].transpose(-1, -2)) * 0.3 + bias[..., :7]
-    torch.testing.assert_close(lse_a, torch.logsumexp(scores_a, dim=-1, keepdim=True))
+    merged, merged_lse = merge_attention(o_a, lse_a, o_b, lse_b)
+    torch.testing.assert_close(merged, expected, rtol=1e-5, atol=1e-6)
+    scores = (q @ k.transpose(-1, -2)) * 0.3 + bias
+    torch.testing.assert_close(lse_a, torch.logsumexp(scores[..., :7], dim=-1, keepdim=True))
+    torch.testing.assert_close(merged_lse, torch.logsumexp(scores, dim=-1, keepdim=True))  # so a third part can join
+    # three parts (the step's common prefix, prompt and suffix), merged two at a time
+    o_c, lse_c = partial_attention(q, k[:, :, 9:], v[:, :, 9:], bias[..., 9:], 0.3)
+    o_b, lse_b = partial_attention(q, k[:, :, 7:9], v[:, :, 7:9], bias[..., 7:9], 0.3)
+    three = merge_attention(*merge_attention(o_a, lse_a, o_b, lse_b), o_c, lse_c)[0]
+    torch.testing.assert_close(three, expected, rtol=1e-5, atol=1e-6)
 
 
 def test_two_token_sequence_distribution(tokenizer: PreTrainedTokenizerBase) -> None:

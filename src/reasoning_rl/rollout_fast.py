@@ -154,6 +154,11 @@ class LlamaStepper:
         self.prefix_bias = torch.zeros(0, max_prefix, device=self.device)  # (G, L): 0 on a prompt, very negative past
         self.neg = torch.finfo(torch.float32).min / 2  # finite, so a fully masked padding query gives no NaN
         self._grow_groups(max(1, slots // 4))
+        # The tokens every prompt starts with (few-shot exemplars), cached once for all rows: set by prefill_common.
+        self.common_len = 0
+        self.common_k: list[torch.Tensor] = []  # per layer (1, KVH, C, D)
+        self.common_v: list[torch.Tensor] = []
+        self.common_bias = torch.zeros(1, 1, 1, 0, device=self.device)  # (1, 1, 1, C): no key masked
 
     # ---------------------------------------------------------------------------------------------- prefix table
 
@@ -170,30 +175,45 @@ class LlamaStepper:
         self.prefix_bias = bias
         self.group_capacity = capacity
 
+    def prefill_common(self, ids: list[int]) -> None:
+        """Run the model's forward on the tokens all prompts start with and keep their KV cache for every row."""
+        if not ids:
+            return
+        cache = new_cache(self.model, len(ids))
+        self.model.model(input_ids=torch.tensor([ids], device=self.device), past_key_values=cache, use_cache=True)
+        self.common_k = [layer.keys.clone() for layer in cache.layers]  # (1, KVH, C, D)
+        self.common_v = [layer.values.clone() for layer in cache.layers]
+        self.common_len = len(ids)
+        self.common_bias = torch.zeros(1, 1, 1, len(ids), device=self.device)
+
     def prefill(self, prompts: list[list[int]], group_slots: list[int], pad_id: int) -> torch.Tensor:
-        """Run the model's forward on the distinct ``prompts`` (left-padded), store each one's KV cache in its group
-        slot, and return the logits of each prompt's last position, (U, V)."""
+        """Run the model's forward on the distinct ``prompts`` past the common prefix (right-padded, after the common
+        prefix's cache), store each one's KV cache in its group slot, and return the logits of each prompt's last
+        position, (U, V)."""
         if max(group_slots) >= self.group_capacity:
             self._grow_groups(max(max(group_slots) + 1, 2 * self.group_capacity))
-        width = max(len(ids) for ids in prompts)
-        input_ids = torch.tensor([[pad_id] * (width - len(ids)) + ids for ids in prompts], device=self.device)
-        mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in prompts], device=self.device)
-        position_ids = (mask.cumsum(-1) - 1).clamp(min=0)  # (U, T): 0 at each prompt's first real token
-        cache = new_cache(self.model, width)
-        out = self.model(
-            input_ids=input_ids, attention_mask=mask, position_ids=position_ids, past_key_values=cache,
-            use_cache=True, logits_to_keep=1,
-        )  # fmt: skip
+        width, c, u = max(len(ids) for ids in prompts), self.common_len, len(prompts)
+        input_ids = torch.tensor([ids + [pad_id] * (width - len(ids)) for ids in prompts], device=self.device)
+        mask = torch.tensor([[1] * (c + len(ids)) + [0] * (width - len(ids)) for ids in prompts], device=self.device)
+        position_ids = torch.arange(c, c + width, device=self.device).expand(u, -1)  # (U, T)
+        cache = new_cache(self.model, c + width)
+        for layer_index, (keys, values) in enumerate(zip(self.common_k, self.common_v, strict=True)):
+            cache.update(keys.expand(u, -1, -1, -1), values.expand(u, -1, -1, -1), layer_index)
+        hidden = self.model.model(
+            input_ids=input_ids, attention_mask=mask, position_ids=position_ids, past_key_values=cache, use_cache=True
+        ).last_hidden_state  # (U, T, hidden)
+        last = torch.tensor([len(ids) - 1 for ids in prompts], device=self.device)  # (U,)
+        logits = self.model.lm_head(hidden[torch.arange(u, device=self.device), last])  # (U, V)
         for layer_index in range(len(self.layers)):
-            keys, values = cache.layers[layer_index].keys, cache.layers[layer_index].values  # (U, KVH, T, D)
-            for u, (ids, g) in enumerate(zip(prompts, group_slots, strict=True)):
-                n = len(ids)  # the prompt sits in the last n columns (left padding)
-                self.prefix_k[layer_index][g, :, :n] = keys[u, :, width - n :]
-                self.prefix_v[layer_index][g, :, :n] = values[u, :, width - n :]
+            keys, values = cache.layers[layer_index].keys, cache.layers[layer_index].values  # (U, KVH, C + T, D)
+            for row, (ids, g) in enumerate(zip(prompts, group_slots, strict=True)):
+                n = len(ids)  # the prompt's own tokens sit right after the common prefix
+                self.prefix_k[layer_index][g, :, :n] = keys[row, :, c : c + n]
+                self.prefix_v[layer_index][g, :, :n] = values[row, :, c : c + n]
         for ids, g in zip(prompts, group_slots, strict=True):
             self.prefix_bias[g] = self.neg
             self.prefix_bias[g, : len(ids)] = 0.0
-        return out.logits[:, -1].float()  # (U, V)
+        return logits.float()  # (U, V)
 
     # ----------------------------------------------------------------------------------------------- row moves
 
@@ -249,12 +269,20 @@ class LlamaStepper:
         self, q: torch.Tensor, li: int, layout: torch.Tensor, num_groups: int, kmax: int, prefix_len: int,
         suffix_width: int, prefix_bias: torch.Tensor, suffix_bias: torch.Tensor,
     ) -> torch.Tensor:  # fmt: skip
-        """softmax over [prefix; suffix] of q.k, times the values, for q (N, KVH, rep, D) -> (N, KVH, rep, D)."""
+        """softmax over [common prefix; prompt; suffix] of q.k, times the values, for q (N, KVH, rep, D) ->
+        (N, KVH, rep, D)."""
         n, kvh, rep, d = q.shape
         # Suffix: each row against its own generated tokens.
         suffix_k = self.suffix_k[li][:n, :, :suffix_width]  # (N, KVH, S, D)
         suffix_v = self.suffix_v[li][:n, :, :suffix_width]
         o_suf, lse_suf = partial_attention(q, suffix_k, suffix_v, suffix_bias, self.scaling)  # (N, KVH, rep, D|1)
+        if self.common_len:  # every row's queries side by side, against the one copy of the common prefix
+            q_all = q.transpose(0, 1).reshape(1, kvh, n * rep, d)
+            o_com, lse_com = partial_attention(q_all, self.common_k[li], self.common_v[li], self.common_bias,
+                                               self.scaling)  # fmt: skip
+            o_com = o_com.view(kvh, n, rep, d).transpose(0, 1)  # (1, KVH, N rep, D) -> (N, KVH, rep, D)
+            lse_com = lse_com.view(kvh, n, rep, 1).transpose(0, 1)
+            o_suf, lse_suf = merge_attention(o_com, lse_com, o_suf, lse_suf)
         # Prefix: the queries of a group's rows side by side, against the group's one copy of the prompt cache.
         q_groups = q.new_zeros(num_groups * kmax, kvh, rep, d)
         q_groups[layout] = q
@@ -268,7 +296,7 @@ class LlamaStepper:
         )
         stats = stats[layout]  # (N, KVH, rep, D + 1): back to row order
         o_pre, lse_pre = stats[..., :d], stats[..., d:]
-        return merge_attention(o_pre, lse_pre, o_suf, lse_suf).to(q.dtype)
+        return merge_attention(o_pre, lse_pre, o_suf, lse_suf)[0].to(q.dtype)
 
 
 def partial_attention(
@@ -294,11 +322,20 @@ def partial_attention(
 
 def merge_attention(
     o_a: torch.Tensor, lse_a: torch.Tensor, o_b: torch.Tensor, lse_b: torch.Tensor
-) -> torch.Tensor:  # fmt: skip
-    """Attention over the keys of parts a and b together, from each part's output and log-sum-exp (as
-    FlashAttention merges blocks): each part weighs by its share of the joint normaliser."""
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """Attention over the keys of parts a and b together, and its log-sum-exp, from each part's output and
+    log-sum-exp (as FlashAttention merges blocks): each part weighs by its share of the joint normaliser."""
     w_a = torch.sigmoid(lse_a - lse_b)  # exp(lse_a) / (exp(lse_a) + exp(lse_b)), without overflow
-    return o_b + w_a * (o_a - o_b)
+    return o_b + w_a * (o_a - o_b), torch.logaddexp(lse_a, lse_b)
+
+
+def common_prefix_len(sequences: list[list[int]]) -> int:
+    """How many leading tokens all ``sequences`` share."""
+    shortest = min(sequences, key=len)
+    for i, token in enumerate(shortest):
+        if any(seq[i] != token for seq in sequences):
+            return i
+    return len(shortest)
 
 
 # PyTorch's fused CPU attention kernel, which also returns the log-sum-exp; None on a build without it.
@@ -312,8 +349,12 @@ class ContinuousBatcher:
     def __init__(self, decoder: _Decoder, prompt_ids: list[list[int]], rows: list[tuple[int, int]], slots: int) -> None:
         self.decoder, self.prompt_ids, self.rows, self.slots = decoder, prompt_ids, rows, slots
         params = decoder.params
-        max_prefix = max(len(prompt_ids[i]) for i, _ in rows)
+        # The common prefix keeps at least one token of each prompt out, whose prefill gives the first logits.
+        used = [prompt_ids[i] for i in dict.fromkeys(i for i, _ in rows)]
+        self.common_len = min(common_prefix_len(used), min(len(ids) for ids in used) - 1)
+        max_prefix = max(len(ids) for ids in used) - self.common_len
         self.stepper = LlamaStepper(decoder.model, slots, max_prefix, params.max_new_tokens)
+        self.stepper.prefill_common(used[0][: self.common_len])
         self.pending_of_prompt: dict[int, int] = {}  # prompt -> rows not yet admitted
         for i, _ in rows:
             self.pending_of_prompt[i] = self.pending_of_prompt.get(i, 0) + 1
@@ -336,7 +377,8 @@ class ContinuousBatcher:
         for start in range(0, len(need), PREFILL_CHUNK):
             chunk = need[start : start + PREFILL_CHUNK]
             groups = [self._take_group() for _ in chunk]
-            logits = self.stepper.prefill([self.prompt_ids[i] for i in chunk], groups, self.decoder.pad_id)
+            own = [self.prompt_ids[i][self.common_len :] for i in chunk]  # past the common prefix
+            logits = self.stepper.prefill(own, groups, self.decoder.pad_id)
             for i, g, row_logits in zip(chunk, groups, logits, strict=True):
                 self.group_of_prompt[i], self.live_of_group[g], self.prompt_logits[i] = g, 0, row_logits
         out = []
@@ -356,7 +398,8 @@ class ContinuousBatcher:
             self.free_groups.append(g)
 
     def _layout(self, live: list[int]) -> tuple[torch.Tensor, int, int, int]:
-        """Each live row's place among its group's queries, and the group count, kmax and longest prompt."""
+        """Each live row's place among its group's queries, and the group count, kmax and the longest prompt past
+        the common prefix."""
         rank: dict[int, int] = {}
         places = []
         for r in live:
@@ -365,7 +408,7 @@ class ContinuousBatcher:
             rank[g] = rank.get(g, 0) + 1
         kmax, num_groups = max(rank.values()), max(rank) + 1
         layout = torch.tensor([g * kmax + j for g, j in places], device=self.stepper.device)
-        prefix_len = max(len(self.prompt_ids[self.rows[r][0]]) for r in live)
+        prefix_len = max(len(self.prompt_ids[self.rows[r][0]]) for r in live) - self.common_len
         return layout, num_groups, kmax, prefix_len
 
     def run(self, bar: tqdm) -> list[Sample]:
