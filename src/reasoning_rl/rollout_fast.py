@@ -7,10 +7,13 @@ carried its own copy of the prompt's KV cache (~1.1 MB per layer per row), so ea
 cached positions. This path changes three things and keeps the model's own modules (projections, norms, rotary
 embedding, MLP) so the arithmetic is the model's:
 
-1. **Shared prefix.** A prompt is prefilled once and its KV cache is stored once, in a table of prefixes. At each
-   step the queries of all of a prompt's live samples are stacked and multiplied with that one prefix cache (one
-   matmul reads it once, however many samples share it); each sample's own generated tokens have a small per-row
-   cache. The two partial softmaxes are merged exactly with the log-sum-exp rule (as in FlashAttention's blocks).
+1. **Shared prefixes, two levels.** The tokens all prompts of a call start with (the few-shot exemplars, ~900 of a
+   4-shot GSM8K prompt's ~1,000) are prefilled once and cached once for every row; each prompt then prefills only
+   its own tokens, on top of that cache, once for all its samples, into a table of prefixes. At each step the
+   queries of all live rows are stacked against the common cache, those of a prompt's samples against its own
+   cache (one product reads each cache once, however many rows share it), and each sample's generated tokens
+   have a small per-row cache. The three partial softmaxes are merged exactly with the log-sum-exp rule (as in
+   FlashAttention's blocks).
 2. **Continuous batching.** A fixed number of slots (``batch_size``) decode together. A sample that stops leaves
    its slot at once (the last live row moves into the hole, copying only that row's cache) and the next waiting
    sample takes it; a prompt is prefilled when its first sample is admitted. One long sample no longer holds a
@@ -25,7 +28,8 @@ embedding, MLP) so the arithmetic is the model's:
 
 ``rollout.generate`` takes this path by default for Llama stacks at least ``rollout.FAST_MIN_HIDDEN`` wide.
 
-Prefill still runs the model's own forward (transformers' code) on the padded distinct prompts.
+Prefill still runs the model's own forward (transformers' code): on the common prefix, then on the distinct prompts'
+own tokens (right-padded), with the common cache as their past.
 """
 
 from __future__ import annotations
