@@ -9,9 +9,9 @@ sum(n_i^2). This is what flash-attention's varlen kernels do on GPUs; CPUs have 
 through SDPA in turn (a few spans per row).
 
 The model reaches ``varlen_attention`` through transformers' attention registry: :func:`packed_attention` switches
-a model to it for the duration of a fine-tuning loop, and the span boundaries travel with the forward call as
-transformers' flash-attention keyword arguments (``cu_seq_lens_q`` / ``cu_seq_lens_k``), which every decoder layer
-passes on to its attention function.
+a model to it for one micro-batch's forward and backward passes (then back), and the span boundaries travel with
+the forward call as transformers' flash-attention keyword arguments (``cu_seq_lens_q`` / ``cu_seq_lens_k``), which
+every decoder layer passes on to its attention function.
 """
 
 from __future__ import annotations

@@ -355,10 +355,10 @@ class ContinuousBatcher:
         params = decoder.params
         # The common prefix keeps at least one token of each prompt out, whose prefill gives the first logits.
         used = [prompt_ids[i] for i in dict.fromkeys(i for i, _ in rows)]
-        self.common_len = min(common_prefix_len(used), min(len(ids) for ids in used) - 1)
-        max_prefix = max(len(ids) for ids in used) - self.common_len
+        common_len = min(common_prefix_len(used), min(len(ids) for ids in used) - 1)
+        max_prefix = max(len(ids) for ids in used) - common_len
         self.stepper = LlamaStepper(decoder.model, slots, max_prefix, params.max_new_tokens)
-        self.stepper.prefill_common(used[0][: self.common_len])
+        self.stepper.prefill_common(used[0][:common_len])  # sets stepper.common_len
         self.pending_of_prompt: dict[int, int] = {}  # prompt -> rows not yet admitted
         for i, _ in rows:
             self.pending_of_prompt[i] = self.pending_of_prompt.get(i, 0) + 1
@@ -381,7 +381,7 @@ class ContinuousBatcher:
         for start in range(0, len(need), PREFILL_CHUNK):
             chunk = need[start : start + PREFILL_CHUNK]
             groups = [self._take_group() for _ in chunk]
-            own = [self.prompt_ids[i][self.common_len :] for i in chunk]  # past the common prefix
+            own = [self.prompt_ids[i][self.stepper.common_len :] for i in chunk]  # past the common prefix
             logits = self.stepper.prefill(own, groups, self.decoder.pad_id)
             for i, g, row_logits in zip(chunk, groups, logits, strict=True):
                 self.group_of_prompt[i], self.live_of_group[g], self.prompt_logits[i] = g, 0, row_logits
@@ -412,7 +412,7 @@ class ContinuousBatcher:
             rank[g] = rank.get(g, 0) + 1
         kmax, num_groups = max(rank.values()), max(rank) + 1
         layout = torch.tensor([g * kmax + j for g, j in places], device=self.stepper.device)
-        prefix_len = max(len(self.prompt_ids[self.rows[r][0]]) for r in live) - self.common_len
+        prefix_len = max(len(self.prompt_ids[self.rows[r][0]]) for r in live) - self.stepper.common_len
         return layout, num_groups, kmax, prefix_len
 
     def run(self, bar: tqdm) -> list[Sample]:
