@@ -15,7 +15,14 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedModel, PreTrai
 
 from reasoning_rl import rollout_fast
 from reasoning_rl.models import TINY_BOS_ID, TINY_EOS_ID, TINY_PAD_ID, build_tiny_tokenizer
-from reasoning_rl.rollout import MULTINOMIAL_MAX_VOCAB, SamplingParams, generate, inverse_cdf_sample, sample_next_token
+from reasoning_rl.rollout import (
+    MULTINOMIAL_MAX_VOCAB,
+    SamplingParams,
+    chosen_logprob,
+    generate,
+    inverse_cdf_sample,
+    sample_next_token,
+)
 from reasoning_rl.rollout_fast import merge_attention, partial_attention, supports_fast_path
 
 # Prompts of different lengths: the prefix table holds prompts padded to the longest.
@@ -182,3 +189,24 @@ def test_large_vocabulary_nucleus_uses_the_inverse_cdf_draw() -> None:
     drawn = sample_next_token(probs.log().repeat(4000, 1), 1.0, 0.75, torch.Generator().manual_seed(0))  # (4000,)
     assert set(drawn.tolist()) == {4999, 10}
     assert abs((drawn == 4999).double().mean() - 0.625) < 0.03  # sd of the mean ~0.008
+
+
+def test_large_vocabulary_tempered_draw_follows_softmax_over_temperature() -> None:
+    # 5,120 tokens (above MULTINOMIAL_MAX_VOCAB, so the tempered weights go straight to the inverse-CDF draw),
+    # 40 of them likely: the draw must follow softmax(logits / 0.7), and must reject the untempered softmax.
+    logits = torch.full((5120,), -30.0)
+    logits[torch.arange(40) * 128] = torch.randn(40, generator=torch.Generator().manual_seed(0)) * 2  # one per block
+    assert logits.shape[0] > MULTINOMIAL_MAX_VOCAB
+    drawn = sample_next_token(logits.repeat(20000, 1), 0.7, 1.0, torch.Generator().manual_seed(3))  # (20000,)
+    counts = torch.bincount(drawn, minlength=5120).double()
+    stat, df = chi2_statistic(counts, torch.softmax(logits.double() / 0.7, -1))
+    assert stat < chi2_critical(df)
+    wrong_stat, wrong_df = chi2_statistic(counts, torch.softmax(logits.double(), -1))
+    assert wrong_stat > chi2_critical(wrong_df)
+
+
+def test_chosen_logprob_is_log_softmax_at_the_token() -> None:
+    logits = torch.randn(6, 50_000, generator=torch.Generator().manual_seed(0)) * 4
+    token = torch.tensor([0, 17, 49_999, 3, 25_000, 17])
+    expected = torch.log_softmax(logits, -1).gather(-1, token[:, None]).squeeze(-1)
+    torch.testing.assert_close(chosen_logprob(logits, token), expected)

@@ -43,7 +43,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 from transformers.models.llama.modeling_llama import LlamaAttention, apply_rotary_pos_emb
 
-from reasoning_rl.rollout import Sample, _Decoder, new_cache, sample_next_token
+from reasoning_rl.rollout import Sample, _Decoder, chosen_logprob, new_cache, sample_next_token
 
 PREFILL_CHUNK = 8  # distinct prompts prefilled together: bounds the prefill's activation memory
 
@@ -442,7 +442,7 @@ class ContinuousBatcher:
             if params.banned_token_ids:
                 logits = logits.index_fill(-1, banned, float("-inf"))
             token = sample_next_token(logits, params.temperature, params.top_p, dec.generator)  # (N,)
-            token_logprob = torch.log_softmax(logits, dim=-1).gather(-1, token[:, None]).squeeze(-1)  # (N,)
+            token_logprob = chosen_logprob(logits, token)  # (N,)
             step_tokens, step_logprobs = torch.stack([token.double(), token_logprob.double()]).tolist()
             newly_done = dec._record(live, step_tokens, step_logprobs, tokens, logprobs, finish)
             for r in live:
