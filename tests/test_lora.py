@@ -95,9 +95,8 @@ def test_orm_with_lora_trains_its_head_and_its_adapters():
     orm = OutcomeRewardModel(build_tiny_model(TINY, len(tok), seed=0), tok)
     head, q_proj = orm.head.weight.clone(), orm.lm.model.layers[0].self_attn.q_proj.weight.clone()
     examples = [(q, a, float(i % 2)) for i, (q, a) in enumerate(EXAMPLES)]
-    # the ORM's forward takes padded batches
     params = FinetuneParams(lr=1e-2, epochs=2, batch_size=4, micro_batch_size=4, max_seq_len=64, seed=0,
-                            lora=ADAPTERS, pack_sequences=False)  # fmt: skip
+                            lora=ADAPTERS)  # fmt: skip
     finetune(orm, tok, examples, params, NullTracker(), progress=False, loss_fn=summed_outcome_loss)
     assert not torch.equal(orm.head.weight, head)  # the head is not part of the language model: trained in full
     assert not torch.equal(orm.lm.model.layers[0].self_attn.q_proj.weight, q_proj)  # merged adapters

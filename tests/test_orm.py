@@ -92,8 +92,7 @@ def test_orm_learns_to_tell_right_from_wrong_and_reloads_exactly(tmp_path):
     orm = tiny_orm()
     # the question asks for 2+3; the label is whether the final line says 5
     examples = [("2+3=?\n", f"2+3={a}\n#### {a}", float(a == 5)) for a in range(10)] * 8
-    params = FinetuneParams(lr=3e-3, epochs=20, batch_size=16, micro_batch_size=8, max_seq_len=64, seed=0,
-                            pack_sequences=False)  # fmt: skip  # the ORM's forward takes padded batches
+    params = FinetuneParams(lr=3e-3, epochs=20, batch_size=16, micro_batch_size=8, max_seq_len=64, seed=0)
     finetune(orm, orm.tokenizer, examples, params, NullTracker(), metric_prefix="orm", loss_fn=summed_outcome_loss,
              progress=False)  # fmt: skip
     prompts, completions = ["2+3=?\n"] * 3, ["2+3=5\n#### 5", "2+3=6\n#### 6", "2+3=1\n#### 1"]

@@ -8,6 +8,7 @@ import pytest
 import torch
 from test_rollout_fast import MODELS, scaled_llama
 
+from reasoning_rl.algos.orm import OutcomeRewardModel, summed_outcome_loss
 from reasoning_rl.algos.sft import (
     IGNORE_INDEX,
     FinetuneParams,
@@ -92,3 +93,31 @@ def test_packed_attention_restores_the_model_after_an_error_and_rejects_padded_i
         summed_token_loss(model, batch)  # a padded batch inside the packed context: no span boundaries
     assert model.config._attn_implementation == "sdpa"
     summed_token_loss(model, batch)  # and the model works as before
+    with pytest.raises(TypeError, match="holds none"), packed_attention(torch.nn.Linear(2, 2)):
+        pass
+
+
+def test_orm_packed_loss_and_gradients_equal_the_padded_batch():
+    # the ORM (a transformers model inside a module, plus a head) packs like the LM: packed_attention finds its lm
+    tok = build_tiny_tokenizer()
+    torch.manual_seed(0)
+    orm = OutcomeRewardModel(scaled_llama(len(tok), *MODELS["gqa"]), tok).train()
+    torch.nn.init.normal_(orm.head.weight)  # a head that gives each token its own logit
+    data = tokenize_examples(tok, [(q, a, float(i % 2)) for i, (q, a) in enumerate(EXAMPLES)], max_seq_len=64)
+
+    def loss_and_grads(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        orm.zero_grad(set_to_none=True)
+        loss = summed_outcome_loss(orm, batch)
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in orm.parameters()]
+
+    packed_batch = collate_packed(data, IGNORE_INDEX)
+    each_token = [float(i % 2) for i, ex in enumerate(data) for _ in ex.input_ids]  # its sequence's outcome
+    assert packed_batch["outcomes"].tolist() == [each_token]
+    padded_loss, padded_grads = loss_and_grads(collate(data, tok.pad_token_id))
+    with packed_attention(orm):
+        packed_loss, packed_grads = loss_and_grads(packed_batch)
+    assert orm.lm.config._attn_implementation == "sdpa"  # switched back
+    torch.testing.assert_close(packed_loss, padded_loss, rtol=1e-5, atol=1e-4)
+    for a, b in zip(packed_grads, padded_grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)

