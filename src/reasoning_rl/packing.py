@@ -108,10 +108,8 @@ def collate_packed(batch: Sequence[PackableExample], ignore_index: int) -> dict[
     cu_seq_lens = torch.tensor(bounds, dtype=torch.int32)  # (S+1,)
     packed = {"input_ids": input_ids, "position_ids": position_ids, "labels": labels, "cu_seq_lens": cu_seq_lens}
     if getattr(batch[0], "outcome", None) is not None:
-        outcomes = [ex.outcome for ex in batch]
-        packed["outcomes"] = torch.tensor(outcomes, dtype=torch.float32).repeat_interleave(torch.diff(cu_seq_lens))[
-            None
-        ]
+        outcomes = torch.tensor([ex.outcome for ex in batch], dtype=torch.float32)  # (S,)
+        packed["outcomes"] = outcomes.repeat_interleave(torch.diff(cu_seq_lens))[None]  # (1, N)
     return packed
 
 

@@ -44,6 +44,7 @@ from collections import defaultdict
 from collections.abc import Iterator, Sequence
 
 import torch
+from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from reasoning_rl.algos.ppo_math import (
@@ -217,14 +218,17 @@ def evaluate_rollouts(
     ref_model: PreTrainedModel | None,
     batch: Batch,
     micro_batch_size: int,
+    progress: str | None = None,
 ) -> None:
     """Phase 3: fill old_logprobs, old_values, entropy (policy) and ref_logprobs (reference) in ``batch``.
 
-    ``ref_model`` None: the reference is ``model`` with its LoRA adapters switched off (``model.lora_rank > 0``)."""
+    ``ref_model`` None: the reference is ``model`` with its LoRA adapters switched off (``model.lora_rank > 0``).
+    ``progress``: a progress bar over the micro-batches with this description (None: no bar)."""
     shape = batch["mask"].shape
     for key in ("old_logprobs", "old_values", "entropy", "ref_logprobs"):
         batch[key] = torch.zeros(shape)  # (N, T)
-    for start in range(0, shape[0], micro_batch_size):
+    starts = range(0, shape[0], micro_batch_size)
+    for start in tqdm(starts, desc=progress, disable=progress is None, dynamic_ncols=True):
         rows = list(range(start, min(start + micro_batch_size, shape[0])))
         mb = select_rows(batch, rows)
         n = mb["mask"].shape[1]
@@ -293,11 +297,16 @@ def ppo_update(
     micro_batch_size: int,
     generator: torch.Generator,
     scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
+    progress: str | None = None,
 ) -> dict[str, float]:
-    """Phase 6: ``cfg.ppo_epochs`` shuffled passes of minibatch updates; the statistics averaged over minibatches."""
+    """Phase 6: ``cfg.ppo_epochs`` shuffled passes of minibatch updates; the statistics averaged over minibatches.
+
+    ``progress``: a progress bar over the optimizer steps with this description (None: no bar)."""
     params = [*model.parameters(), *value_head.parameters()]
     stats: dict[str, list[float]] = defaultdict(list)
     num_rows = batch["mask"].shape[0]
+    updates = cfg.ppo_epochs * -(-num_rows // minibatch_size)
+    bar = tqdm(total=updates, desc=progress, disable=progress is None, dynamic_ncols=True)
     for _ in range(cfg.ppo_epochs):
         order = torch.randperm(num_rows, generator=generator).tolist()
         for start in range(0, num_rows, minibatch_size):
@@ -309,6 +318,8 @@ def ppo_update(
             optimizer.zero_grad(set_to_none=True)
             if scheduler is not None:
                 scheduler.step()
+            bar.update()
+    bar.close()
     return {name: sum(values) / len(values) for name, values in stats.items()}
 
 
@@ -399,7 +410,7 @@ def run(ctx: RunContext) -> EvalResult:
         task_rewards = masked_whiten(batch["scores"], mask, shift_mean=False) if cfg.whiten_rewards else batch["scores"]
 
         # 3. old log-probs, values and reference log-probs
-        evaluate_rollouts(model, value_head, ref_model, batch, micro_batch_size)
+        evaluate_rollouts(model, value_head, ref_model, batch, micro_batch_size, progress=f"PPO step {step}: score")
 
         # 4. KL penalty to the reference policy, at every token
         kl = kl_estimate(batch["old_logprobs"], batch["ref_logprobs"], cfg.kl_estimator) * mask  # (N, T)
@@ -420,6 +431,7 @@ def run(ctx: RunContext) -> EvalResult:
             micro_batch_size=micro_batch_size,
             generator=generator,
             scheduler=warmup,
+            progress=f"PPO step {step}: update",
         )
         check_finite(ctx, step, {"KL penalty": kl, **{f"ppo {name}": torch.tensor(v) for name, v in stats.items()}})
 
