@@ -113,8 +113,11 @@ def collate_packed(batch: Sequence[PackableExample], ignore_index: int) -> dict[
     return packed
 
 
-def packed_forward_kwargs(batch: dict[str, torch.Tensor]) -> dict[str, object]:
-    """The decoder's keyword arguments for a :func:`collate_packed` batch (inside :func:`packed_attention`)."""
+def forward_kwargs(batch: dict[str, torch.Tensor]) -> dict[str, object]:
+    """The decoder's keyword arguments for a batch: a :func:`collate_packed` row (call the model inside
+    :func:`packed_attention`) or a padded batch (input ids and attention mask)."""
+    if "cu_seq_lens" not in batch:
+        return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
     bounds = batch["cu_seq_lens"]
     longest = int(torch.diff(bounds).max())
     return {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"], "cu_seq_lens_q": bounds,

@@ -107,7 +107,8 @@ def sample_next_token(
 
 def chosen_logprob(logits: torch.Tensor, token: torch.Tensor) -> torch.Tensor:
     """log_softmax(logits)[token] per row, (B, V), (B,) -> (B,), without writing the (B, V) log_softmax."""
-    return logits.gather(-1, token[:, None]).squeeze(-1).float() - torch.logsumexp(logits.float(), dim=-1)
+    logits = logits.float()
+    return logits.gather(-1, token[:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
 
 
 SAMPLE_BLOCK = 256  # tokens per block of the two-level inverse-CDF draw

@@ -449,10 +449,9 @@ class ContinuousBatcher:
                 if finish[r] is None and len(tokens[r]) == params.max_new_tokens:
                     finish[r] = "length"
                     newly_done += 1
-            if newly_done:  # an update of 0 still redraws the bar: one line per step in a log file
-                bar.update(newly_done)
             # 3. finished rows leave; the last live rows move into their slots
-            if newly_done:
+            if newly_done:  # (an update of 0 would still redraw the bar: one line per step in a log file)
+                bar.update(newly_done)
                 token, live = self._compact(live, token, finish, tokens)
                 layout_state = None
             if not live:

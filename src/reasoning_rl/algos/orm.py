@@ -32,7 +32,7 @@ from reasoning_rl.checkpointing import Checkpointer
 from reasoning_rl.config import ConfigError
 from reasoning_rl.metrics import mean, roc_auc
 from reasoning_rl.models import TORCH_DTYPES, load_checkpoint, save_checkpoint
-from reasoning_rl.packing import packed_forward_kwargs
+from reasoning_rl.packing import forward_kwargs
 from reasoning_rl.prompts import STOP_STRINGS
 from reasoning_rl.rollout import SamplingParams, generate
 from reasoning_rl.run_context import RunContext, finetune_params
@@ -56,7 +56,7 @@ class OutcomeRewardModel(torch.nn.Module):
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **packed: object
     ) -> torch.Tensor:
         """(B, T) logits of P(correct final answer); ``packed``: a packed row's position ids and span boundaries
-        (:func:`reasoning_rl.packing.packed_forward_kwargs`, inside :func:`~reasoning_rl.packing.packed_attention`)."""
+        (:func:`reasoning_rl.packing.forward_kwargs`, inside :func:`~reasoning_rl.packing.packed_attention`)."""
         hidden = self.lm.base_model(input_ids=input_ids, attention_mask=attention_mask, **packed).last_hidden_state
         return self.head(hidden).squeeze(-1).float()  # (B, T)
 
@@ -120,11 +120,10 @@ def summed_outcome_loss(orm: torch.nn.Module, batch: dict[str, torch.Tensor]) ->
 
     A packed batch (:func:`~reasoning_rl.packing.collate_packed`, inside
     :func:`~reasoning_rl.packing.packed_attention`) gives the same sum as the padded one (:func:`collate`)."""
+    logits = orm(**forward_kwargs(batch))  # (B, T); packed: (1, N)
     if "cu_seq_lens" in batch:
-        logits = orm(**packed_forward_kwargs(batch))  # (1, N)
         targets = batch["outcomes"]  # (1, N): each token's sequence's outcome
     else:
-        logits = orm(batch["input_ids"], batch["attention_mask"])  # (B, T)
         targets = batch["outcomes"][:, None].expand_as(logits)  # (B, T)
     mask = batch["labels"] != IGNORE_INDEX  # (B, T): completion tokens and EOS, as in supervised fine-tuning
     return torch.nn.functional.binary_cross_entropy_with_logits(logits[mask], targets[mask], reduction="sum")

@@ -29,7 +29,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from reasoning_rl.checkpointing import Checkpointer
 from reasoning_rl.config import ConfigError
 from reasoning_rl.lora import LoraParams, attach_adapters, merge_adapters
-from reasoning_rl.packing import collate_packed, packed_attention, packed_forward_kwargs
+from reasoning_rl.packing import collate_packed, forward_kwargs, packed_attention
 from reasoning_rl.tracking import Tracker
 
 log = logging.getLogger(__name__)
@@ -130,10 +130,7 @@ def summed_token_loss(model: PreTrainedModel, batch: dict[str, torch.Tensor]) ->
     """
     shift_labels = batch["labels"][:, 1:]  # (B, T-1): position t predicts token t+1
     target = shift_labels != IGNORE_INDEX  # (B, T-1)
-    if "cu_seq_lens" in batch:
-        inputs = packed_forward_kwargs(batch)
-    else:
-        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    inputs = forward_kwargs(batch)
     head, decoder = model.get_output_embeddings(), getattr(model, "get_decoder", lambda: None)()
     if head is None or decoder is None or getattr(model.config, "final_logit_softcapping", None):
         logits = model(**inputs).logits  # (B, T, V)
