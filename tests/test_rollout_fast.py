@@ -195,7 +195,7 @@ def test_large_vocabulary_tempered_draw_follows_softmax_over_temperature() -> No
     # 5,120 tokens (above MULTINOMIAL_MAX_VOCAB, so the tempered weights go straight to the inverse-CDF draw),
     # 40 of them likely: the draw must follow softmax(logits / 0.7), and must reject the untempered softmax.
     logits = torch.full((5120,), -30.0)
-    logits[torch.arange(40) * 128] = torch.randn(40, generator=torch.Generator().manual_seed(0)) * 2  # one per block
+    logits[torch.arange(40) * 128] = torch.randn(40, generator=torch.Generator().manual_seed(0)) * 2  # 2 per block
     assert logits.shape[0] > MULTINOMIAL_MAX_VOCAB
     drawn = sample_next_token(logits.repeat(20000, 1), 0.7, 1.0, torch.Generator().manual_seed(3))  # (20000,)
     counts = torch.bincount(drawn, minlength=5120).double()
