@@ -19,6 +19,23 @@ def test_dedupe_key_follows_the_operations_not_the_wording():
     assert dedupe_key("#### 7\n") == dedupe_key("#### 7")
 
 
+def test_dedupe_key_tells_apart_a_wrong_result_and_a_wrong_final_answer():
+    right = "5+3=<<5+3=8>>8\n#### 8"
+    wrong_result = "5+3=<<5+3=9>>9\n#### 9"  # the operations of `right`, but it did not compute them
+    wrong_answer = "5+3=<<5+3=8>>8\n#### 9"  # right operation and result, wrong final line
+    assert len({dedupe_key(right), dedupe_key(wrong_result), dedupe_key(wrong_answer)}) == 3
+    assert dedupe_key(right) == dedupe_key("So 5 + 3=<<5+3=8>>8 in all.\n#### 8")  # wording still does not matter
+
+
+def test_a_wrong_solution_kept_by_the_orm_does_not_block_the_correct_one():
+    # ORM EI: round 1 keeps a wrong solution (the ORM liked it); round 2 samples the correct one with the same
+    # operations. It is new for the question, so it is added: |D_2| = 2.
+    wrong, right = "5+3=<<5+3=9>>9\n#### 9", "5+3=<<5+3=8>>8\n#### 8"
+    d1, _ = merge_good_solutions({}, {"q": [(wrong, True)]})
+    d2, added = merge_good_solutions(d1, {"q": [(right, True)]})
+    assert d2 == {"q": [wrong, right]} and added == 1
+
+
 def test_merge_keeps_good_unique_solutions():
     candidates = {
         "q1": [(A1, True), (A1_REWORDED, True), (A2, True), (WRONG, False)],  # A1 and A2 kept; reworded A1 dropped

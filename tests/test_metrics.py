@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from reasoning_rl.metrics import majority_vote, pass_at_k, pass_at_k_ladder, rerank_pick
+from reasoning_rl.metrics import majority_vote, pass_at_k, pass_at_k_ladder, rerank_pick, within_question_auc
 
 
 def test_majority_vote_counts_and_breaks_ties_by_first_occurrence():
@@ -61,3 +61,16 @@ def test_pass_at_k_ladder():
     assert pass_at_k_ladder(1) == [1]
     assert pass_at_k_ladder(4) == [1, 2, 4]
     assert pass_at_k_ladder(96) == [1, 2, 4, 8, 16, 32, 64, 96]
+
+
+def test_within_question_auc_counts_pairs_of_one_question_only():
+    # q1: correct 0.7 vs wrong 0.9 and 0.5 -> beats 0.5 only: 1 of 2; q2: correct 0.3 vs wrong 0.3 -> a tie, 1/2.
+    # q3 is all correct: no pair. (1 + 0.5) / 3 pairs = 0.5.
+    groups = [([0.7, 0.9, 0.5], [True, False, False]), ([0.3, 0.3], [True, False]), ([0.1, 0.2], [True, True])]
+    assert within_question_auc(groups) == (0.5, 3)
+    assert within_question_auc([([0.9, 0.1], [True, False])]) == (1.0, 1)
+    assert within_question_auc([([0.9, 0.1], [False, True])]) == (0.0, 1)  # inverted ranking
+    auc, pairs = within_question_auc([([0.4], [True]), ([0.2, 0.3], [False, False])])  # no question has both
+    assert math.isnan(auc) and pairs == 0
+    with pytest.raises(ValueError):
+        within_question_auc([([0.1], [True, False])])

@@ -9,11 +9,34 @@ import pytest
 import torch
 
 from reasoning_rl.algos.ei import orm_keep
-from reasoning_rl.algos.orm import OutcomeRewardModel, heldout_metrics, split_questions, summed_outcome_loss
+from reasoning_rl.algos.orm import (
+    OutcomeRewardModel,
+    heldout_metrics,
+    orm_questions,
+    split_questions,
+    summed_outcome_loss,
+)
 from reasoning_rl.algos.sft import FinetuneParams, collate, finetune, tokenize_examples
-from reasoning_rl.config import ModelConfig, ModelSource, ORMFilter
+from reasoning_rl.config import (
+    ArithTaskConfig,
+    ConfigError,
+    EIConfig,
+    EvalConfig,
+    ExperimentConfig,
+    LoggerConfig,
+    LoggerName,
+    ModelConfig,
+    ModelSource,
+    ORMConfig,
+    ORMFilter,
+    RewardConfig,
+    RewardName,
+    SFTInitConfig,
+)
 from reasoning_rl.metrics import roc_auc
 from reasoning_rl.models import load_policy
+from reasoning_rl.run_context import RunContext, training_questions
+from reasoning_rl.tasks import Problem, TaskSplits
 from reasoning_rl.tracking import NullTracker
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -32,10 +55,29 @@ def test_roc_auc_by_hand():
 
 
 def test_heldout_metrics_by_hand():
-    metrics = heldout_metrics([0.9, 0.6, 0.4, 0.2], [True, False, False, False])
+    metrics = heldout_metrics([0.9, 0.6, 0.4, 0.2], [True, False, False, False], ["q1", "q1", "q2", "q2"])
     assert metrics["train/orm_heldout_accuracy"] == 0.75  # 0.6 >= 0.5 predicts correct, wrongly
     assert metrics["train/orm_heldout_auc"] == 1.0  # the only positive has the top score
     assert metrics["train/orm_heldout_fraction_correct"] == 0.25
+    # q1: its correct sample (0.9) beats its wrong one (0.6): 1 pair won; q2 has no correct sample, no pair
+    assert metrics["train/orm_heldout_within_auc"] == 1.0 and metrics["train/orm_heldout_within_pairs"] == 1
+    # rerank: q1's top sample is correct, q2's is not -> 0.5; random pick: (1/2 + 0/2) / 2 = 0.25; gain 0.25
+    assert metrics["train/orm_heldout_rerank"] == 0.5 and metrics["train/orm_heldout_rerank_gain"] == 0.25
+
+
+def test_a_question_ranking_orm_has_a_high_pooled_auc_and_no_within_question_auc():
+    # The ORM scores by question: q1 (easy, 2 of 3 correct) all 0.8, q2 (hard, 1 of 3) all 0.2. Pooled, correct
+    # samples are mostly q1's and score higher: positives (0.8, 0.8, 0.2) vs negatives (0.8, 0.2, 0.2): of 9 pairs,
+    # 0.8 > 0.2 wins 2 x 2 = 4, ties (0.8 = 0.8: 2 x 1, 0.2 = 0.2: 1 x 2) give 4 x 1/2 = 2 -> 6/9 = 0.667.
+    # Within a question every pair ties: 0.5, and picking the top-scored sample is no better than a random one.
+    scores = [0.8, 0.8, 0.8, 0.2, 0.2, 0.2]
+    correct = [True, True, False, True, False, False]
+    metrics = heldout_metrics(scores, correct, ["q1"] * 3 + ["q2"] * 3)
+    assert metrics["train/orm_heldout_auc"] == pytest.approx(2 / 3)
+    assert metrics["train/orm_heldout_within_auc"] == 0.5 and metrics["train/orm_heldout_within_pairs"] == 4
+    # ties go to the first sample: q1's first is correct, q2's first is correct -> 1.0; random: (2/3 + 1/3) / 2
+    assert metrics["train/orm_heldout_rerank"] == 1.0
+    assert metrics["train/orm_heldout_rerank_gain"] == pytest.approx(0.5)
 
 
 def test_split_questions_is_seeded_disjoint_and_by_question():
@@ -107,3 +149,39 @@ def test_orm_learns_to_tell_right_from_wrong_and_reloads_exactly(tmp_path):
     orm.save(tmp_path / "orm")
     again = OutcomeRewardModel.load(tmp_path / "orm", CPU, torch.float32, batch_size=2)
     assert again.score_prefixes(prompts, completions) == pytest.approx([right, *wrong], abs=1e-6)
+
+
+# ------------------------------------------------------------------------- the ORM's questions stay its own
+
+
+def test_orm_questions_leave_half_for_orm_guided_training_by_default():
+    train = [Problem(f"p{i}", f"q{i}", "#### 1", "1", ()) for i in range(10)]
+    assert len(orm_questions(train, None, disjoint=True, seed=0)) == 5  # None + disjoint: a seeded half
+    assert orm_questions(train, None, disjoint=False, seed=0) == train  # None: all of them
+    draw = orm_questions(train, 3, disjoint=True, seed=0)
+    assert len(draw) == 3 and draw == orm_questions(train, 3, disjoint=True, seed=0)
+    assert orm_questions(train, 30, disjoint=True, seed=0) == train
+
+
+def test_orm_guided_training_draws_only_questions_the_orm_did_not_learn_from(tmp_path):
+    train = [Problem(f"p{i}", f"q{i}", "#### 1", "1", ()) for i in range(6)]
+    splits = TaskSplits(train, train[:1])
+
+    def context(reward: RewardName, disjoint: bool = True) -> RunContext:
+        cfg = ExperimentConfig(
+            algo=EIConfig(max_new_tokens=16), reward=RewardConfig(name=reward), init=SFTInitConfig(), model=TINY,
+            task=ArithTaskConfig(), logger=LoggerConfig(name=LoggerName.none), orm=ORMConfig(disjoint=disjoint, max_new_tokens=16),
+            eval=EvalConfig(max_new_tokens=16),
+        )  # fmt: skip
+        ctx = RunContext(cfg, None, None, splits, str, NullTracker(), tmp_path, CPU)  # type: ignore[arg-type]
+        ctx.orm_question_ids = frozenset({"p0", "p2", "p4"})
+        return ctx
+
+    for reward in (RewardName.orm, RewardName.orm_dense):  # ORM EI / ORM RCRL / ORM PPO: the other three
+        assert [p.id for p in training_questions(context(reward))] == ["p1", "p3", "p5"]
+    assert training_questions(context(RewardName.sparse)) == train  # the ORM only reranks: nothing to hide
+    assert training_questions(context(RewardName.orm, disjoint=False)) == train
+    ctx = context(RewardName.orm)
+    ctx.orm_question_ids = frozenset(p.id for p in train)
+    with pytest.raises(ConfigError, match="orm.n_questions"):
+        training_questions(ctx)

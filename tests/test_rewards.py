@@ -136,8 +136,14 @@ def test_orm_rewards_by_hand():
     completion = "a\nb\n#### 3"  # steps end at characters 2, 4, 10 -> tokens 1, 3, 9; EOS is token 10
     ends = token_char_ends(tok, tok(completion, add_special_tokens=False)["input_ids"] + [tok.eos_token_id])
     assert orm_step_prefixes(completion) == ["a\n", "a\nb\n", "a\nb\n#### 3"]
+    # scores 0.2, 0.5, 0.9 after steps 1-3: rewards 0.2 - 0, 0.5 - 0.2 = 0.3, 0.9 - 0.5 = 0.4; sum 0.9, the last score
     rewards = orm_dense_rewards(completion, ends, [0.2, 0.5, 0.9])
-    assert rewards.tolist() == pytest.approx([0, 0.2, 0, 0.5, 0, 0, 0, 0, 0, 0.9, 0])
+    assert rewards.tolist() == pytest.approx([0, 0.2, 0, 0.3, 0, 0, 0, 0, 0, 0.4, 0])
+    assert float(rewards.sum()) == pytest.approx(0.9)
+    # a step that lowers the ORM's belief is penalised: 0.8 then 0.3 -> +0.8, then 0.3 - 0.8 = -0.5
+    assert orm_dense_rewards("a\n#### 3", [1, 2, 3, 4, 5, 6, 7, 8], [0.8, 0.3]).tolist() == pytest.approx(
+        [0, 0.8, 0, 0, 0, 0, 0, -0.5]
+    )
     # no step at all (an empty completion, just EOS): the whole completion's score at its only token
     assert orm_step_prefixes("") == [""]
     assert orm_dense_rewards("", [0], [0.4]).tolist() == pytest.approx([0.4])

@@ -255,3 +255,21 @@ def test_a_sweep_whose_job_fails_marks_its_parent_run_failed(tmp_path):
     (job,) = [r for r in runs if r.data.tags.get("sweep") != "parent"]  # the first job failed; the sweep stopped
     assert parent.info.status == "FAILED" and job.info.status == "FAILED"
     assert job.data.tags["sweeps"] == parent.info.run_id == job.data.tags["mlflow.parentRunId"]
+
+
+@pytest.mark.parametrize("model", ["tiny", "7b"])
+def test_orm_rcrl_labels_with_the_ei_rows_policy(model):
+    """RCRL's labelling policy is the EI row's: at every scale, the `ei_policy` stage an ORM RCRL job asks for is
+    the one the EI job of the same table publishes (same key), trained with the ground-truth reward."""
+    from reasoning_rl.algos.ei import ei_policy_inputs
+    from reasoning_rl.stages import stage_key
+
+    task = ["task=arith"] if model == "tiny" else []
+    ei_job = compose_sweep_job("sft_table", [f"model={model}", *task, "init=sft", "row=ei"])
+    rcrl_job = compose_sweep_job("sft_table", [f"model={model}", *task, "init=sft", "row=orm_rcrl"])
+    assert rcrl_job.reward.name.value == "orm" and ei_job.reward.name.value == "sparse"
+    train: list = []  # the data fingerprint is the same for both jobs; the settings are what is compared
+    ei_inputs = ei_policy_inputs(ei_job, ei_job.algo, train)
+    rcrl_inputs = ei_policy_inputs(rcrl_job, rcrl_job.algo.ei, train)
+    assert stage_key("ei_policy", rcrl_inputs) == stage_key("ei_policy", ei_inputs), (ei_inputs, rcrl_inputs)
+    assert rcrl_job.algo.lr is not None and rcrl_job.algo.lr <= 1e-4 if model == "tiny" else True

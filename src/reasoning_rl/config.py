@@ -104,6 +104,16 @@ class ModelConfig:
             raise ConfigError(
                 f"model.source={self.source.value} needs model.path (a hub id, a directory or a .gguf file)."
             )
+        for key in ("train_batch_size", "micro_batch_size", "sample_batch_size"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"model.{key}={getattr(self, key)} must be >= 1.")
+        if not self.lr > 0:
+            raise ConfigError(f"model.lr={self.lr} must be > 0.")
+        if self.source == ModelSource.tiny and (self.num_heads < 1 or self.hidden_size % self.num_heads):
+            raise ConfigError(
+                f"model.hidden_size={self.hidden_size} must be a multiple of model.num_heads={self.num_heads} "
+                "(each attention head gets an equal share of the width)."
+            )
         if self.lora_rank < 0:
             raise ConfigError(f"model.lora_rank={self.lora_rank} must be >= 0 (0 = no LoRA: train every weight).")
         if self.lora_rank and not (self.lora_alpha > 0 and 0 <= self.lora_dropout < 1):
@@ -126,6 +136,11 @@ class TaskConfig:
     n_train: int | None = None  # use the first n_train training problems (after a seeded shuffle); None = all
     n_test: int | None = None  # evaluate on the first n_test test problems (fixed order); None = all
     subset_seed: int = 0  # seed of the training-subset shuffle (fixed, so all runs of a sweep see the same data)
+
+    def __post_init__(self) -> None:
+        for key, n in (("n_train", self.n_train), ("n_test", self.n_test)):
+            if n is not None and n < 1:
+                raise ConfigError(f"task.{key}={n} must be >= 1, or null for all the problems.")
 
 
 @dataclass
@@ -152,6 +167,9 @@ class GSMSymbolicTaskConfig(TaskConfig):
     test_seed: int = 2  # reasoning-gym seed of the test split; must differ from train_seed
 
     def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.size_train < 1 or self.size_test < 1:
+            raise ConfigError(f"task.size_train={self.size_train} and task.size_test={self.size_test} must be >= 1.")
         if self.train_seed == self.test_seed:
             raise ConfigError("task.train_seed and task.test_seed must differ, or train and test problems overlap.")
 
@@ -168,6 +186,11 @@ class ArithTaskConfig(TaskConfig):
     seed: int = 1234  # generator seed (train and test use disjoint derived streams)
 
     def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.size_train < 1 or self.size_test < 1:
+            raise ConfigError(f"task.size_train={self.size_train} and task.size_test={self.size_test} must be >= 1.")
+        if self.max_number < 1:
+            raise ConfigError(f"task.max_number={self.max_number} must be >= 1 (operands are drawn from 1..max_number).")
         if not 1 <= self.min_steps <= self.max_steps:
             raise ConfigError(f"need 1 <= task.min_steps <= task.max_steps, got {self.min_steps}, {self.max_steps}.")
         if not self.operations or set(self.operations) - set("+-*"):
@@ -181,6 +204,10 @@ class ArithTaskConfig(TaskConfig):
 class InitConfig:
     name: InitName = MISSING
     n_shots: int = 0  # worked train exemplars prepended to every prompt (never test problems)
+
+    def __post_init__(self) -> None:
+        if self.n_shots < 0:
+            raise ConfigError(f"init.n_shots={self.n_shots} must be >= 0 (0: no exemplars).")
 
 
 @dataclass
@@ -199,6 +226,13 @@ class SFTInitConfig(InitConfig):
     weight_decay: float = 0.0  # AdamW weight decay
     grad_clip: float = 1.0  # max gradient norm
     lr: float | None = None  # peak learning rate; None = model.lr
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.epochs > 0 or (self.max_steps is not None and self.max_steps < 1):
+            raise ConfigError(f"init.epochs={self.epochs} must be > 0 and init.max_steps={self.max_steps} >= 1 or null.")
+        if self.lr is not None and not self.lr > 0:
+            raise ConfigError(f"init.lr={self.lr} must be > 0, or null for model.lr.")
 
 
 # ---------------------------------------------------------------------------------------------- algo
@@ -249,6 +283,8 @@ class EIConfig(AlgoConfig):
             raise ConfigError(f"algo.rounds={self.rounds} and algo.num_samples={self.num_samples} must be >= 1.")
         if not 0 <= self.orm_threshold <= 1:
             raise ConfigError(f"algo.orm_threshold={self.orm_threshold} must be a probability in [0, 1].")
+        if self.n_questions is not None and self.n_questions < 1:
+            raise ConfigError(f"algo.n_questions={self.n_questions} must be >= 1, or null for every question.")
 
     def supported_rewards(self) -> tuple[str, ...]:
         return ("sparse", "orm", "orm_dense")
@@ -259,9 +295,9 @@ class RCRLConfig(AlgoConfig):
     """algo=rcrl: Return-Conditioned RL with per-step goal tokens (paper section 4.3); see algos/rcrl.py."""
 
     name: str = "rcrl"
-    # The labelling policy: the EI policy these settings train from the same init (a cached stage, shared with an
-    # algo=ei run of the same settings).
-    ei: EIConfig = field(default_factory=lambda: EIConfig(rounds=2, eval_init=False))
+    # The labelling policy: the EI row's policy, what algo=ei reward=sparse with these settings trains from the same
+    # init (a cached stage, shared with that algo=ei run; keep these equal to the EI row's settings to share it).
+    ei: EIConfig = field(default_factory=EIConfig)
     num_solutions: int = 4  # solutions sampled per training question from the EI policy (good and bad ones)
     num_rollouts: int = 4  # K completions sampled from each step prefix to estimate its success rate
     threshold: float = 0.5  # T: a step is [GOOD] when the fraction of its K completions that are correct is >= T
@@ -298,7 +334,10 @@ class PPOConfig(AlgoConfig):
     minibatch_size: int | None = None  # sequences per optimizer step; None = model.train_batch_size
     micro_batch_size: int | None = None  # sequences per forward/backward (gradient accumulation); None = model's
     lr: float | None = None  # AdamW learning rate of the policy (constant); None = model.lr / 10
-    value_lr: float | None = None  # AdamW learning rate of the value head (a fresh layer learns faster); None = lr
+    value_lr: float | None = None  # AdamW learning rate of the value head; None = 10 x lr (a fresh zero layer at
+    #   the policy's lr barely moves in a run: explained variance stayed <= 0 at the tiny scale)
+    critic_warmup_steps: int = 1  # first PPO steps that train the value head alone (policy and trunk untouched), so
+    #   the first policy update already has a baseline (verl's trainer.critic_warmup); their samples count as drawn
     warmup_updates: int = 0  # optimizer steps of linear learning-rate warm-up (Adam's first steps are sign-like)
     grad_clip: float = 1.0  # max gradient norm
     kl_coef: float = 0.05  # beta: per-token penalty beta * KL(pi || pi_ref) subtracted from the reward
@@ -306,8 +345,10 @@ class PPOConfig(AlgoConfig):
     adaptive_kl: bool = False  # adapt beta toward kl_target (Ziegler et al. 2019); false: beta stays kl_coef
     kl_target: float = 6.0  # adaptive only: target KL(pi || pi_ref) per sequence, in nats
     kl_horizon: int = 10000  # adaptive only: samples over which beta corrects a deviation (larger = slower)
-    gamma: float = 1.0  # discount
-    lam: float = 0.95  # GAE lambda
+    gamma: float = 1.0  # discount: 1, an episode is one solution and only its end is rewarded (sparse, orm)
+    lam: float = 1.0  # GAE lambda: 1, the advantage is the return minus the value, unbiased however poor the
+    #   young value head is (lam < 1 mixes in its errors and shrinks a final reward by lam^T over T tokens:
+    #   0.95^40 = 0.13); verl and TRL's PPO for verifiable rewards default to 1 as well
     clip_coef: float = 0.2  # epsilon of the clipped policy ratio
     vf_coef: float = 0.1  # weight of the value loss in the total loss
     value_clip: float = 0.2  # how far a value prediction may move from the rollout's before its loss is clipped
@@ -318,6 +359,11 @@ class PPOConfig(AlgoConfig):
     eval_init: bool = True  # also evaluate the initial policy (step 0)
 
     def __post_init__(self) -> None:
+        if self.critic_warmup_steps < 0 or self.critic_warmup_steps >= self.steps:
+            raise ConfigError(
+                f"algo.critic_warmup_steps={self.critic_warmup_steps} must be in [0, algo.steps={self.steps}): the "
+                "policy is trained only after the warm-up."
+            )
         counts = {"steps": self.steps, "rollout_questions": self.rollout_questions, "num_samples": self.num_samples,
                   "ppo_epochs": self.ppo_epochs, "minibatch_size": self.minibatch_size or 1,
                   "micro_batch_size": self.micro_batch_size or 1}  # fmt: skip
@@ -371,12 +417,16 @@ class ORMConfig:
     """The outcome reward model (algos/orm.py): trained when the reward needs it or ``orm.rerank=true``.
 
     Its training samples are graded samples of the init policy on the training questions, drawn like the first
-    round of EI (K per question, temperature 1). Both the samples and the ORM are cached stages.
+    round of EI (K per question, temperature 1) but with their own seed. Both the samples and the ORM are cached
+    stages.
     """
 
     rerank: bool = False  # train (or reuse) the ORM even when the reward does not need it, to fill eval/rerank_at_k
     num_samples: int = 4  # samples per training question that label the ORM's data
-    n_questions: int | None = None  # training questions sampled for labels (a seeded draw); None = all
+    n_questions: int | None = None  # training questions sampled for labels (a seeded draw); None = all, or half of
+    #   them when orm.disjoint
+    disjoint: bool = True  # ORM-guided training (ORM EI's filter, ORM RCRL's labels, ORM PPO's reward) uses only
+    #   training questions the ORM was not trained on, so it never grades samples of questions it memorised
     temperature: float = 1.0
     top_p: float = 1.0
     max_new_tokens: int = 256

@@ -163,6 +163,8 @@ def run_experiment(
     ctx.build_prompt = apply_init(ctx)
     if cfg.needs_orm:
         ctx.orm = orm.load_or_train(ctx)
+        pool = orm.orm_questions(splits.train, cfg.orm.n_questions, cfg.orm.disjoint, cfg.seed)
+        ctx.orm_question_ids = frozenset(p.id for p in pool)
 
     # 4. algorithm
     result = ALGOS[cfg.algo.name](ctx)

@@ -1,5 +1,5 @@
 """Evaluation metrics (paper section 3): maj@1, maj@K, rerank@K, pass@K, the unbiased pass@k estimator, and the
-ORM's held-out ROC AUC.
+ORM's held-out ROC AUC, pooled and within questions.
 
 Pure functions of extracted answers and correctness flags, so they are tested with numbers worked by hand.
 """
@@ -76,3 +76,22 @@ def roc_auc(scores: Sequence[float], labels: Sequence[bool]) -> float:
         start = end + 1
     pos_rank_sum = sum(r for r, positive in zip(ranks, labels, strict=True) if positive)
     return (pos_rank_sum - num_pos * (num_pos + 1) / 2) / (num_pos * num_neg)
+
+
+def within_question_auc(groups: Sequence[tuple[Sequence[float], Sequence[bool]]]) -> tuple[float, int]:
+    """How often the ORM ranks a correct sample above a wrong sample *of the same question* (ties count 1/2), over
+    every such pair of every question; and the number of pairs. NaN when no question has both kinds.
+
+    Reranking picks among one question's samples, so this, not the pooled :func:`roc_auc`, is the ranking it
+    needs: a pooled AUC also rewards knowing which questions are hard (all their samples low), which never changes
+    a pick. ``groups``: per question, its samples' scores and correctness.
+    """
+    wins, pairs = 0.0, 0
+    for scores, labels in groups:
+        if len(scores) != len(labels):
+            raise ValueError(f"{len(scores)} scores but {len(labels)} labels")
+        right = [s for s, ok in zip(scores, labels, strict=True) if ok]
+        wrong = [s for s, ok in zip(scores, labels, strict=True) if not ok]
+        wins += sum(1.0 if r > w else 0.5 if r == w else 0.0 for r in right for w in wrong)
+        pairs += len(right) * len(wrong)
+    return (wins / pairs if pairs else float("nan")), pairs

@@ -4,15 +4,19 @@
 - ``dense``: sparse, plus ``step_reward`` at the end of each step whose intermediate result is one of the
   reference solution's calculator results (:func:`reasoning_rl.tasks.intermediate_results`).
 - ``orm``: the ORM's probability that the whole solution is correct, at the last generated token ("Sparse ORM").
-- ``orm_dense``: the ORM's probability after each step, at that step's end ("Dense ORM").
+- ``orm_dense``: at each step's end, the change the step makes to the ORM's probability ("Dense ORM").
 
 Choices where the paper is not explicit:
 - A step is a non-blank line before the first "####" (as in ``split_steps``); its intermediate results are its
   calculator annotations' results. Each reference result can be matched once (a multiset), so writing a correct
   step twice earns its reward once; a step with several annotations earns at most one ``step_reward``. Lines after
   the answer line earn nothing (grading reads the first "####").
-- Dense ORM gives the ORM's score itself at every step end (not its change from the previous step), as the paper
-  describes; with ``gamma = 1`` a solution's return is then the sum of its step scores.
+- Dense ORM rewards step i with s_i - s_{i-1}, the change in the ORM's score of the prefix that ends with step i
+  (s_0 = 0), so a solution's undiscounted return is its final score, as in Sparse ORM; the density only moves the
+  credit to the steps that earned it. Paying the raw score s_i at every step end (one reading of the paper's
+  "the ORM's score after each step") would make the return a sum over steps, which pays a solution for being long:
+  padding a correct solution with lines the ORM still likes raises its return with every line. With s_0 = 0 this is
+  potential-based shaping (Ng et al. 1999) of the sparse ORM reward, which leaves the optimal policy unchanged.
 
 Where a step ends in tokens: ``token_char_ends(tokenizer, token_ids)[t]`` is the length of the text decoded from the
 tokens 0..t, so the step whose text ends at character c ends at the first token whose decoded prefix reaches c.
@@ -124,11 +128,14 @@ def orm_step_prefixes(completion: str) -> list[str]:
 
 
 def orm_dense_rewards(completion: str, token_ends: Sequence[int], step_scores: Sequence[float]) -> torch.Tensor:
-    """The ORM's score of each step prefix (:func:`orm_step_prefixes`) at that step's last token. (T,)"""
+    """At each step's last token, the change in the ORM's score that the step makes: s_i - s_{i-1}, with s_i the
+    score of the i-th step prefix (:func:`orm_step_prefixes`) and s_0 = 0. The rewards sum to the last score. (T,)"""
     ends = [end for _, end in step_ends(completion)] or [len(completion)]
     if len(ends) != len(step_scores):
         raise ValueError(f"{len(ends)} steps but {len(step_scores)} scores")
     rewards = torch.zeros(len(token_ends))  # (T,)
+    previous = 0.0
     for end, score in zip(ends, step_scores, strict=True):
-        rewards[token_at(token_ends, end)] += score
+        rewards[token_at(token_ends, end)] += score - previous
+        previous = score
     return rewards

@@ -11,10 +11,10 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from reasoning_rl.algos.sft import FinetuneParams
-from reasoning_rl.config import ExperimentConfig, ModelConfig
+from reasoning_rl.config import ConfigError, ExperimentConfig, ModelConfig, RewardName
 from reasoning_rl.evaluation import EvalResult, evaluate
 from reasoning_rl.lora import LoraParams
-from reasoning_rl.tasks import TaskSplits
+from reasoning_rl.tasks import Problem, TaskSplits
 from reasoning_rl.tracking import Tracker
 
 if TYPE_CHECKING:
@@ -39,6 +39,24 @@ class RunContext:
     orm_prompt: Callable[[str], str] | None = None  # the prompt the ORM scores with; None = build_prompt (RCRL's
     # policy prompt ends in a goal token the ORM never saw)
     checkpoints: Checkpointer | None = None  # saves and restores the algorithm's state (EI, PPO); None = never
+    orm_question_ids: frozenset[str] = frozenset()  # the training questions the ORM learnt from (orm.disjoint:
+    #   ORM-guided training leaves them out, see training_questions)
+
+
+def training_questions(ctx: RunContext) -> list[Problem]:
+    """The training questions an algorithm draws from: all of them, less those the ORM was trained on when the
+    reward consults the ORM (ORM EI, ORM RCRL, ORM PPO) and ``orm.disjoint`` (algos/orm.py says why)."""
+    uses_orm = ctx.cfg.reward.name in (RewardName.orm, RewardName.orm_dense)
+    if not (uses_orm and ctx.cfg.orm.disjoint):
+        return list(ctx.splits.train)
+    rest = [p for p in ctx.splits.train if p.id not in ctx.orm_question_ids]
+    if not rest:
+        raise ConfigError(
+            f"reward={ctx.cfg.reward.name.value} with orm.disjoint=true trains on the questions the ORM was not "
+            f"trained on, and the ORM took all {len(ctx.splits.train)}: lower orm.n_questions (or set it to null: "
+            "half), or set orm.disjoint=false to let the ORM grade samples of its own training questions."
+        )
+    return rest
 
 
 def evaluate_policy(ctx: RunContext, *, step: int | None = None, progress: bool = True) -> EvalResult:

@@ -6,7 +6,8 @@ Round i = 1 .. algo.rounds:
      one whose ORM score is >= algo.orm_threshold, reward=orm_dense one whose lowest score after any step is, and
      algo.orm_filter=orm_and_correct asks for a correct final answer as well (the paper does not give its rule)
   3. keep the good ones and drop duplicates: two solutions of one question are the same when their sequence of
-     arithmetic operations is the same (``operation_signature``), or, for solutions with no arithmetic, their text
+     arithmetic operations is the same (``operation_signature``), their calculator results and their final answer
+     too (``dedupe_key``), or, for solutions with no arithmetic, their text
   4. D_i = R_i ∪ D_{i-1}
   5. fine-tune on D_i with cross-entropy, from the initial checkpoint (``algo.reinit_each_round=true``, the
      paper's and STaR's choice, which avoids overfitting to early rounds) or from pi_{i-1}
@@ -32,15 +33,16 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from reasoning_rl.algos.sft import finetune
 from reasoning_rl.checkpointing import Checkpointer, stop_if_not_finite
-from reasoning_rl.config import EIConfig, ORMFilter, RewardName
+from reasoning_rl.config import EIConfig, ExperimentConfig, ORMFilter, RewardConfig, RewardName
 from reasoning_rl.evaluation import EvalResult
 from reasoning_rl.metrics import mean
 from reasoning_rl.models import TORCH_DTYPES, load_checkpoint, save_checkpoint
 from reasoning_rl.prompts import STOP_STRINGS
 from reasoning_rl.rollout import Sample, SamplingParams, generate
-from reasoning_rl.run_context import RunContext, evaluate_policy, finetune_params
+from reasoning_rl.run_context import RunContext, evaluate_policy, finetune_params, training_questions
 from reasoning_rl.stages import cached_stage, init_stage_inputs, plain
 from reasoning_rl.tasks import Problem, is_correct, operation_signature
+from reasoning_rl.tasks.answers import canonical_answer, extract_answer, format_number, intermediate_results
 
 log = logging.getLogger(__name__)
 
@@ -49,9 +51,18 @@ Graded = dict[str, list[tuple[str, bool, bool]]]  # problem id -> (sample text, 
 
 
 def dedupe_key(solution: str) -> tuple[str, ...]:
-    """Solutions of one question with the same key are duplicates: the operation sequence, else the text."""
+    """Solutions of one question with the same key are duplicates: the operation sequence with the results the
+    solution wrote for them and its final answer, else (no arithmetic) the text.
+
+    The results and the answer are part of the key because a sampled solution need not compute what it writes:
+    ``5+3=<<5+3=9>>9`` performs the operations of the correct ``5+3=<<5+3=8>>8``, and under ORM filtering a wrong
+    solution kept first would otherwise block the correct one in every later round.
+    """
     signature = operation_signature(solution)
-    return ("ops", *signature) if signature else ("text", solution.strip())
+    if not signature:
+        return ("text", solution.strip())
+    results = tuple(format_number(value) for value in intermediate_results(solution))
+    return ("ops", *signature, "results", *results, "answer", canonical_answer(extract_answer(solution)))
 
 
 def merge_good_solutions(
@@ -109,32 +120,49 @@ def grade(ctx: RunContext, cfg: EIConfig, questions: Sequence[Problem], samples:
 
 
 def run(ctx: RunContext) -> EvalResult:
-    """algo=ei: train in place, evaluating after every round."""
-    result = expert_iteration(ctx, ctx.cfg.algo, evaluate_rounds=True, checkpoints=ctx.checkpoints)  # type: ignore[arg-type]
+    """algo=ei: train in place, evaluating after every round. The EI row (reward=sparse) then publishes its policy
+    as the ``ei_policy`` stage, which RCRL's labeller with the same EI settings reuses instead of training again."""
+    cfg: EIConfig = ctx.cfg.algo  # type: ignore[assignment]
+    result = expert_iteration(ctx, cfg, evaluate_rounds=True, checkpoints=ctx.checkpoints)
     assert result is not None
+    if ctx.cfg.reward.name == RewardName.sparse:
+        cached_stage(
+            Path(ctx.cfg.cache_dir),
+            "ei_policy",
+            ei_policy_inputs(ctx.cfg, cfg, ctx.splits.train),
+            lambda directory: save_checkpoint(ctx.model, ctx.tokenizer, directory / "model"),
+            ctx.tracker,
+        )
     return result
 
 
-def trained_policy(ctx: RunContext, cfg: EIConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """The EI policy that ``cfg`` trains from this run's init (RCRL's labelling policy); ctx.model is untouched.
+def ei_policy_inputs(run_cfg: ExperimentConfig, cfg: EIConfig, train: Sequence[Problem]) -> dict[str, object]:
+    """What determines the EI row's final policy: the init, the EI settings (whether it evaluates does not
+    change what it trains), the sampler's batch size and the ground-truth reward."""
+    return {
+        **init_stage_inputs(run_cfg, train),
+        "sample_batch_size": run_cfg.model.sample_batch_size,
+        "reward": RewardConfig(name=RewardName.sparse),
+        "ei": {k: v for k, v in plain(cfg).items() if k != "eval_init"},
+    }
 
-    A cached stage ("ei_policy"), shared by every run with the same init, reward, ORM and EI settings.
+
+def trained_policy(ctx: RunContext, cfg: EIConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """The EI row's policy: what ``algo=ei reward=sparse`` with the settings ``cfg`` trains from this run's init
+    (RCRL's labelling policy, "the best EI policy"); ctx.model is untouched.
+
+    A cached stage ("ei_policy"), shared with that EI run (whichever comes first computes it). The labeller is the
+    ground-truth EI policy whatever this run's reward: ORM RCRL consults the ORM for its labels only.
     """
     run_cfg = ctx.cfg
 
     def build(directory: Path) -> None:
-        policy = dataclasses.replace(ctx, model=copy.deepcopy(ctx.model))
+        sparse_cfg = dataclasses.replace(run_cfg, reward=RewardConfig(name=RewardName.sparse))
+        policy = dataclasses.replace(ctx, cfg=sparse_cfg, model=copy.deepcopy(ctx.model), orm=None, checkpoints=None)
         expert_iteration(policy, cfg, evaluate_rounds=False)
         save_checkpoint(policy.model, policy.tokenizer, directory / "model")
 
-    inputs = {
-        **init_stage_inputs(run_cfg, ctx.splits.train),
-        "sample_batch_size": run_cfg.model.sample_batch_size,
-        "reward": run_cfg.reward,
-        "ei": cfg,
-    }
-    if run_cfg.needs_orm:
-        inputs["orm"] = {k: v for k, v in plain(run_cfg.orm).items() if k != "rerank"}
+    inputs = ei_policy_inputs(run_cfg, cfg, ctx.splits.train)
     stage = cached_stage(Path(run_cfg.cache_dir), "ei_policy", inputs, build, ctx.tracker)
     return load_checkpoint(stage.path / "model", ctx.device, TORCH_DTYPES[run_cfg.model.dtype])
 
@@ -148,7 +176,8 @@ def expert_iteration(
     """
     seed = ctx.cfg.seed
     initial_state = copy.deepcopy(ctx.model.state_dict()) if cfg.reinit_each_round else None
-    problems_by_id = {p.id: p for p in ctx.splits.train}
+    pool = training_questions(ctx)  # all of them, less the ORM's own under ORM EI (orm.disjoint)
+    problems_by_id = {p.id: p for p in pool}
     dataset: Dataset = {}
     samples_drawn = 0
     finetune_steps = 0
@@ -165,7 +194,7 @@ def expert_iteration(
 
     for round_index in range(first_round, cfg.rounds + 1):
         # 1. sample K solutions per training question from pi_{i-1}
-        questions = round_questions(ctx.splits.train, cfg.n_questions, seed + round_index)
+        questions = round_questions(pool, cfg.n_questions, seed + round_index)
         prompts = [ctx.build_prompt(p.question) for p in questions]
         samples = generate(
             ctx.model,
@@ -196,7 +225,7 @@ def expert_iteration(
                 "train/ei_kept_precision": mean(kept),  # kept samples that are correct (< 1 only for ORM EI)
                 "train/ei_new_unique_solutions": added,
                 "train/ei_dataset_size": dataset_size,
-                "train/ei_questions_covered": len(dataset) / len(ctx.splits.train),
+                "train/ei_questions_covered": len(dataset) / len(pool),
             },
             step=round_index,
         )

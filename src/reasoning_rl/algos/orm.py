@@ -5,8 +5,12 @@ solution ends with a correct final answer. Used for rerank@K at evaluation, to f
 label ORM RCRL's steps.
 
 ``load_or_train(ctx)``, two cached stages (``stages.py``) shared by every run with the same init:
-  1. ``orm_samples``: K = orm.num_samples samples per training question from the init policy at temperature 1
-     (the samples of EI's first round), each graded by its final answer
+  1. ``orm_samples``: K = orm.num_samples samples per question of its pool (``orm_questions``: orm.n_questions
+     training questions, a seeded draw) from the init policy at temperature 1, as EI's first round draws them but
+     with a seed of their own, each graded by its final answer. With ``orm.disjoint`` (the default) the algorithms
+     that consult the ORM while training (ORM EI, ORM RCRL, ORM PPO) draw their questions from the rest
+     (``run_context.training_questions``): an ORM asked about samples of questions it was trained on would recall
+     their labels, not judge them.
   2. ``orm``: split the questions into train / held-out (orm.heldout_fraction); start from the init policy's
      weights plus a fresh head; binary cross-entropy at every completion token, the target being its sample's
      correctness (the label applies to every prefix); report held-out accuracy (score >= 0.5) and ROC AUC of the
@@ -30,14 +34,14 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from reasoning_rl.algos.sft import IGNORE_INDEX, finetune
 from reasoning_rl.checkpointing import Checkpointer
 from reasoning_rl.config import ConfigError
-from reasoning_rl.metrics import mean, roc_auc
+from reasoning_rl.metrics import mean, roc_auc, within_question_auc
 from reasoning_rl.models import TORCH_DTYPES, load_checkpoint, save_checkpoint
 from reasoning_rl.packing import forward_kwargs
 from reasoning_rl.prompts import STOP_STRINGS
 from reasoning_rl.rollout import SamplingParams, generate
 from reasoning_rl.run_context import RunContext, finetune_params
 from reasoning_rl.stages import cached_stage, init_stage_inputs, progress_dir
-from reasoning_rl.tasks import is_correct, step_prefixes
+from reasoning_rl.tasks import Problem, is_correct, step_prefixes
 
 log = logging.getLogger(__name__)
 
@@ -142,14 +146,48 @@ def split_questions(problem_ids: Sequence[str], heldout_fraction: float, seed: i
     return set(ids) - heldout, heldout
 
 
-def heldout_metrics(scores: Sequence[float], correct: Sequence[bool]) -> dict[str, float]:
-    """The ORM's held-out accuracy (score >= 0.5 predicts correct), ROC AUC, and the base rate to compare with."""
+def heldout_metrics(scores: Sequence[float], correct: Sequence[bool], problem_ids: Sequence[str]) -> dict[str, float]:
+    """The ORM on held-out questions: accuracy (score >= 0.5 predicts correct), ROC AUC pooled over all samples,
+    the base rate to compare them with, and the ranking that reranking needs.
+
+    The pooled AUC also credits knowing which questions are hard; reranking only ever compares samples of one
+    question. So: ``within_auc``, the AUC over pairs of samples of the same question (0.5 = no better than chance);
+    ``rerank``, the fraction of questions whose top-scored sample is correct; and ``rerank_gain``, that minus the
+    mean fraction of a question's samples that are correct (the unbiased pass@1, what a random pick gets).
+    """
+    by_question: dict[str, tuple[list[float], list[bool]]] = {}
+    for score, ok, pid in zip(scores, correct, problem_ids, strict=True):
+        group = by_question.setdefault(pid, ([], []))
+        group[0].append(score)
+        group[1].append(ok)
+    within_auc, pairs = within_question_auc(list(by_question.values()))
+    rerank = mean([float(oks[max(range(len(ss)), key=lambda i: (ss[i], -i))]) for ss, oks in by_question.values()])
+    pass_at_1 = mean([mean([float(ok) for ok in oks]) for _, oks in by_question.values()])
     return {
         "train/orm_heldout_accuracy": mean([(s >= 0.5) == c for s, c in zip(scores, correct, strict=True)]),
         "train/orm_heldout_auc": roc_auc(scores, correct),
+        "train/orm_heldout_within_auc": within_auc,
+        "train/orm_heldout_within_pairs": float(pairs),
+        "train/orm_heldout_rerank": rerank,
+        "train/orm_heldout_rerank_gain": rerank - pass_at_1,
         "train/orm_heldout_fraction_correct": mean([float(c) for c in correct]),
         "train/orm_heldout_samples": float(len(scores)),
     }
+
+
+ORM_SAMPLE_SEED_OFFSET = 500  # the ORM's samples are drawn with seed + 500: EI round i draws with seed + 1000 i,
+# PPO step k with seed + 1000 k + 1, RCRL with seed + 1, 2 and the evaluation with seed, seed + 1, so none of them
+# redraws the ORM's own training samples
+
+
+def orm_questions(train: Sequence[Problem], n_questions: int | None, disjoint: bool, seed: int) -> list[Problem]:
+    """The training questions whose samples the ORM learns from: a seeded draw of ``n_questions``; None = all of
+    them, or a seeded half when ``disjoint`` (the other half is left for ORM-guided training)."""
+    if n_questions is None:
+        n_questions = len(train) // 2 if disjoint else len(train)
+    if n_questions >= len(train):
+        return list(train)
+    return random.Random(seed).sample(list(train), n_questions)
 
 
 def load_or_train(ctx: RunContext) -> OutcomeRewardModel:
@@ -160,9 +198,7 @@ def load_or_train(ctx: RunContext) -> OutcomeRewardModel:
 
     # 1. graded samples of the init policy (the first round of EI)
     def sample_and_grade(directory: Path) -> None:
-        questions = list(ctx.splits.train)
-        if orm_cfg.n_questions is not None and orm_cfg.n_questions < len(questions):
-            questions = random.Random(cfg.seed).sample(questions, orm_cfg.n_questions)
+        questions = orm_questions(ctx.splits.train, orm_cfg.n_questions, orm_cfg.disjoint, cfg.seed)
         prompts = [ctx.build_prompt(p.question) for p in questions]
         samples = generate(
             ctx.model,
@@ -170,7 +206,7 @@ def load_or_train(ctx: RunContext) -> OutcomeRewardModel:
             prompts,
             SamplingParams(orm_cfg.temperature, orm_cfg.top_p, orm_cfg.max_new_tokens, STOP_STRINGS),
             num_samples=orm_cfg.num_samples,
-            seed=cfg.seed + 1000,  # EI's first round draws with this seed too
+            seed=cfg.seed + ORM_SAMPLE_SEED_OFFSET,
             batch_size=cfg.model.sample_batch_size,
             progress="ORM: sample",
         )
@@ -181,7 +217,8 @@ def load_or_train(ctx: RunContext) -> OutcomeRewardModel:
                     f.write(json.dumps({**record, "correct": is_correct(s.text, problem.answer)}) + "\n")
 
     sampling_inputs = {
-        k: getattr(orm_cfg, k) for k in ("num_samples", "n_questions", "temperature", "top_p", "max_new_tokens")
+        k: getattr(orm_cfg, k)
+        for k in ("num_samples", "n_questions", "disjoint", "temperature", "top_p", "max_new_tokens")
     }
     samples_stage = cached_stage(
         cache_dir,
@@ -211,7 +248,8 @@ def load_or_train(ctx: RunContext) -> OutcomeRewardModel:
                  checkpoints=checkpoints, checkpoint_every=cfg.stage_checkpoint_every)  # fmt: skip
         heldout = [r for r in records if r["problem_id"] in heldout_ids]
         scores = orm.score_prefixes([r["prompt"] for r in heldout], [r["completion"] for r in heldout])
-        metrics = {**heldout_metrics(scores, [r["correct"] for r in heldout]), "train/orm_samples": len(examples)}
+        outcomes, ids = [r["correct"] for r in heldout], [r["problem_id"] for r in heldout]
+        metrics = {**heldout_metrics(scores, outcomes, ids), "train/orm_samples": len(examples)}
         orm.save(directory)
         (directory / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
 

@@ -10,7 +10,8 @@ Step k = 1 .. algo.steps:
   5. advantages and returns with GAE(gamma, lam), advantages whitened over the batch
   6. algo.ppo_epochs passes over the rollouts in shuffled minibatches of algo.minibatch_size sequences: the clipped
      policy loss plus vf_coef x the clipped value loss, a token mean over the minibatch, accumulated over
-     micro-batches, then gradient-norm clipping and an AdamW step
+     micro-batches, then gradient-norm clipping and an AdamW step. The first algo.critic_warmup_steps steps train
+     the value head alone, on the trunk's features held fixed, so the policy's first update has a baseline
   7. adapt kl_coef toward kl_target (Ziegler et al.'s controller) when algo.adaptive_kl; log train/ppo_* metrics
   8. evaluate every algo.eval_every steps and after the last step (and the init at step 0)
   9. checkpoint every ``checkpoint_every`` steps and after the last (``checkpointing.py``); a killed run resumes
@@ -18,8 +19,11 @@ Step k = 1 .. algo.steps:
 
 Choices where the paper is silent (it used trlx's PPO):
 - The value head is a linear layer on the policy's last hidden state (shared trunk), initialised to zero; it is
-  trained with the policy by one AdamW optimizer (its own learning rate, algo.value_lr) and is not part of the
-  saved or evaluated policy. The learning rate is constant after algo.warmup_updates steps of linear warm-up.
+  trained with the policy by one AdamW optimizer (its own learning rate, algo.value_lr, 10x the policy's by
+  default) and is not part of the saved or evaluated policy. The learning rate is constant after
+  algo.warmup_updates steps of linear warm-up.
+- gamma = lam = 1 by default: the advantage of a token is the solution's return minus the value there, so a
+  poor early value head adds variance but no bias, and a reward at the last token reaches the first one whole.
 - The loss is a token mean over the whole minibatch (not a mean of per-sequence means), so accumulating micro-batches
   gives the same update as one large batch.
 - The model stays in eval mode throughout (no dropout), so old and new log-probs agree before the first update.
@@ -73,7 +77,7 @@ from reasoning_rl.rewards import (
     token_char_ends,
 )
 from reasoning_rl.rollout import Sample, SamplingParams, generate
-from reasoning_rl.run_context import RunContext, evaluate_policy, lora_params
+from reasoning_rl.run_context import RunContext, evaluate_policy, lora_params, training_questions
 from reasoning_rl.tasks import Problem, is_correct
 
 log = logging.getLogger(__name__)
@@ -147,18 +151,23 @@ def select_rows(batch: Batch, rows: Sequence[int]) -> Batch:
 
 
 def forward(
-    model: PreTrainedModel, value_head: torch.nn.Module | None, mb: Batch
+    model: PreTrainedModel, value_head: torch.nn.Module | None, mb: Batch, *, values_only: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Logits (B, T, V) at the positions that predict generated tokens, and values (B, T) (None without a head).
 
     The trunk runs once; the LM head (and value head) only at the positions that predict generated tokens.
+    ``values_only`` (the critic warm-up): no trunk gradient and no LM head; the logits returned are empty.
     """
     device = next(model.parameters()).device
-    hidden = model.base_model(
-        input_ids=mb["input_ids"].to(device), attention_mask=mb["attention_mask"].to(device)
-    ).last_hidden_state  # (B, L, H)
+    with torch.set_grad_enabled(torch.is_grad_enabled() and not values_only):
+        hidden = model.base_model(
+            input_ids=mb["input_ids"].to(device), attention_mask=mb["attention_mask"].to(device)
+        ).last_hidden_state  # (B, L, H)
     index = mb["positions"].to(device)[..., None].expand(-1, -1, hidden.shape[-1])  # (B, T, H)
     hidden = hidden.gather(1, index)  # (B, T, H)
+    if values_only:
+        assert value_head is not None
+        return hidden.new_empty(0), value_head(hidden).squeeze(-1).float()
     logits = model.get_output_embeddings()(hidden).float()  # (B, T, V)
     values = value_head(hidden).squeeze(-1).float() if value_head is not None else None  # (B, T)
     return logits, values
@@ -251,13 +260,22 @@ def evaluate_rollouts(
 
 
 def accumulate_gradients(
-    model: PreTrainedModel, value_head: torch.nn.Module, mb_batch: Batch, micro_batch_size: int, cfg: PPOConfig
+    model: PreTrainedModel,
+    value_head: torch.nn.Module,
+    mb_batch: Batch,
+    micro_batch_size: int,
+    cfg: PPOConfig,
+    *,
+    critic_only: bool = False,
 ) -> dict[str, float]:
     """Backward of one minibatch's loss, micro-batch by micro-batch; returns its token-mean statistics.
 
     Every micro-batch's summed token losses are divided by the whole minibatch's token count, so the accumulated
-    gradient is that of the minibatch's token-mean loss whatever the micro-batch size.
+    gradient is that of the minibatch's token-mean loss whatever the micro-batch size. ``critic_only`` (the critic
+    warm-up): the value loss alone, into the value head alone.
     """
+    if critic_only:
+        return accumulate_value_gradients(model, value_head, mb_batch, micro_batch_size, cfg)
     num_tokens = float(mb_batch["mask"].sum())
     totals: dict[str, float] = defaultdict(float)
     num_rows = mb_batch["mask"].shape[0]
@@ -286,6 +304,26 @@ def accumulate_gradients(
     return dict(totals)
 
 
+def accumulate_value_gradients(
+    model: PreTrainedModel, value_head: torch.nn.Module, mb_batch: Batch, micro_batch_size: int, cfg: PPOConfig
+) -> dict[str, float]:
+    """The critic warm-up's backward: the clipped value loss of one minibatch into the value head only."""
+    num_tokens = float(mb_batch["mask"].sum())
+    totals: dict[str, float] = defaultdict(float)
+    num_rows = mb_batch["mask"].shape[0]
+    for start in range(0, num_rows, micro_batch_size):
+        mb = select_rows(mb_batch, range(start, min(start + micro_batch_size, num_rows)))
+        mb = {k: v.to(next(model.parameters()).device) for k, v in mb.items()}
+        _, values = forward(model, value_head, mb, values_only=True)  # (B, T)
+        value_loss = clipped_value_loss(values, mb["old_values"], mb["returns"], cfg.value_clip)  # (B, T)
+        (cfg.vf_coef * (value_loss * mb["mask"]).sum() / num_tokens).backward()
+        with torch.no_grad():
+            moved = ((values - mb["old_values"]).abs() > cfg.value_clip).float()  # (B, T)
+            totals["value_loss"] += float((value_loss * mb["mask"]).sum()) / num_tokens
+            totals["value_clip_fraction"] += float((moved * mb["mask"]).sum()) / num_tokens
+    return dict(totals)
+
+
 def ppo_update(
     model: PreTrainedModel,
     value_head: torch.nn.Module,
@@ -298,10 +336,12 @@ def ppo_update(
     generator: torch.Generator,
     scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
     progress: str | None = None,
+    critic_only: bool = False,
 ) -> dict[str, float]:
     """Phase 6: ``cfg.ppo_epochs`` shuffled passes of minibatch updates; the statistics averaged over minibatches.
 
-    ``progress``: a progress bar over the optimizer steps with this description (None: no bar)."""
+    ``progress``: a progress bar over the optimizer steps with this description (None: no bar). ``critic_only``:
+    the critic warm-up (see :func:`accumulate_gradients`)."""
     params = [*model.parameters(), *value_head.parameters()]
     stats: dict[str, list[float]] = defaultdict(list)
     num_rows = batch["mask"].shape[0]
@@ -311,7 +351,8 @@ def ppo_update(
         order = torch.randperm(num_rows, generator=generator).tolist()
         for start in range(0, num_rows, minibatch_size):
             mb_batch = select_rows(batch, order[start : start + minibatch_size])
-            for name, value in accumulate_gradients(model, value_head, mb_batch, micro_batch_size, cfg).items():
+            mb_stats = accumulate_gradients(model, value_head, mb_batch, micro_batch_size, cfg, critic_only=critic_only)
+            for name, value in mb_stats.items():
                 stats[name].append(value)
             stats["grad_norm"].append(float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)))
             optimizer.step()
@@ -356,7 +397,7 @@ def run(ctx: RunContext) -> EvalResult:
     lr = cfg.lr if cfg.lr is not None else ctx.cfg.model.lr / 10
     policy_params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(
-        [{"params": policy_params}, {"params": value_head.parameters(), "lr": cfg.value_lr or lr}],
+        [{"params": policy_params}, {"params": value_head.parameters(), "lr": cfg.value_lr or 10 * lr}],
         lr=lr,
         weight_decay=0.0,
     )
@@ -365,7 +406,7 @@ def run(ctx: RunContext) -> EvalResult:
     )
     generator = torch.Generator().manual_seed(seed)  # minibatch order
     sampling = SamplingParams(cfg.temperature, cfg.top_p, cfg.max_new_tokens, STOP_STRINGS)
-    batches = question_batches(ctx.splits.train, cfg.rollout_questions, seed)
+    batches = question_batches(training_questions(ctx), cfg.rollout_questions, seed)
     kl_coef = cfg.kl_coef
     samples_drawn = 0
     first_step = 1
@@ -420,7 +461,8 @@ def run(ctx: RunContext) -> EvalResult:
         advantages, batch["returns"] = gae(rewards, batch["old_values"], mask, cfg.gamma, cfg.lam)  # (N, T)
         batch["advantages"] = masked_whiten(advantages, mask) if cfg.whiten_advantages else advantages
 
-        # 6. PPO epochs of clipped minibatch updates
+        # 6. PPO epochs of clipped minibatch updates (of the value head alone during the critic warm-up)
+        critic_warmup = step <= cfg.critic_warmup_steps
         stats = ppo_update(
             model,
             value_head,
@@ -431,7 +473,8 @@ def run(ctx: RunContext) -> EvalResult:
             micro_batch_size=micro_batch_size,
             generator=generator,
             scheduler=warmup,
-            progress=f"PPO step {step}: update",
+            progress=f"PPO step {step}: {'critic warm-up' if critic_warmup else 'update'}",
+            critic_only=critic_warmup,
         )
         check_finite(ctx, step, {"KL penalty": kl, **{f"ppo {name}": torch.tensor(v) for name, v in stats.items()}})
 

@@ -1,8 +1,9 @@
 """Return-Conditioned RL (Havrilla et al. 2024, section 4.3): train pi(a_t | s_t, g_t) with cross-entropy, where the
 goal g_t is a token, [GOOD] or [BAD], that opens each step of the solution.
 
-  1. the labelling policy: the best EI policy, trained from the same init with the ``algo.ei`` settings (a cached
-     stage, ``ei.trained_policy``, shared by every RCRL run with the same init, reward and EI settings)
+  1. the labelling policy: the best EI policy, i.e. the EI row's: ``algo=ei reward=sparse`` with the ``algo.ei``
+     settings from the same init (a cached stage, ``ei.trained_policy``, shared with that EI run and with every
+     RCRL run of the same init and EI settings, whatever their reward)
   2. sample ``algo.num_solutions`` solutions per training question from it; correct and incorrect ones are both
      kept (the [BAD] labels come from them)
   3. label every step. For the prefix s_1..s_i that ends with step i, sample K = ``algo.num_rollouts`` completions
@@ -10,7 +11,8 @@ goal g_t is a token, [GOOD] or [BAD], that opens each step of the solution.
      (``algo.threshold``), else [BAD]. The last prefix is the whole solution, so its rate is its own correctness
      (1 or 0) and needs no rollouts. ``reward=orm`` (the paper's "ORM RCRL" row): the rate of every prefix, the
      last one included, is the ORM's probability that the prefix leads to a correct answer; the ground truth is
-     not consulted, as in ORM EI's default filter.
+     not consulted, as in ORM EI's default filter. With ``orm.disjoint`` the questions labelled are ones the ORM
+     was not trained on.
   4. add [GOOD] and [BAD] to the tokenizer as special tokens (never split, dropped from decoded text) and grow the
      init policy's embeddings; the new rows start at the mean of the old ones (transformers' ``mean_resizing``)
   5. fine-tune the init policy (not the EI policy) with cross-entropy on (prompt, solution with its goal tokens)
@@ -50,7 +52,7 @@ from reasoning_rl.config import RCRLConfig, RewardName
 from reasoning_rl.evaluation import EvalResult
 from reasoning_rl.prompts import STOP_STRINGS
 from reasoning_rl.rollout import SamplingParams, generate
-from reasoning_rl.run_context import RunContext, finetune_params
+from reasoning_rl.run_context import RunContext, finetune_params, training_questions
 from reasoning_rl.tasks import Problem, is_correct, step_prefixes
 
 log = logging.getLogger(__name__)
@@ -243,7 +245,7 @@ def labelled_examples(ctx: RunContext, cfg: RCRLConfig) -> list[tuple[str, str]]
     ei_model, ei_tokenizer = ei.trained_policy(ctx, cfg.ei)
 
     # 2. sample solutions from it, correct and incorrect
-    questions = ei.round_questions(ctx.splits.train, cfg.n_questions, seed)
+    questions = ei.round_questions(training_questions(ctx), cfg.n_questions, seed)
     solutions = sample_solutions(
         ei_model,
         ei_tokenizer,
