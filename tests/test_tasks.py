@@ -10,6 +10,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from conftest import skip_or_fail
 
 from reasoning_rl.config import ArithTaskConfig, GSM8KTaskConfig, GSMSymbolicTaskConfig, SVAMPTaskConfig, TaskConfig
 from reasoning_rl.tasks import (
@@ -32,8 +33,24 @@ from reasoning_rl.tasks.svamp import equation_steps, svamp_question
 DATA = (Path(__file__).resolve().parents[1] / ".." / "shared" / "data").resolve()
 GSM8K_DIR = DATA / "gsm8k"
 SVAMP_FILE = DATA / "svamp" / "SVAMP.json"
-needs_gsm8k = pytest.mark.skipif(not GSM8K_DIR.is_dir(), reason=f"GSM8K files not found at {GSM8K_DIR}")
-needs_svamp = pytest.mark.skipif(not SVAMP_FILE.is_file(), reason=f"SVAMP file not found at {SVAMP_FILE}")
+
+
+@pytest.fixture(scope="module")
+def gsm8k_data() -> None:
+    """The original GSM8K files, in ../shared/data beside the project: without them a test skips, under CI it fails."""
+    if not (GSM8K_DIR / "train.jsonl").is_file() or not (GSM8K_DIR / "test.jsonl").is_file():
+        skip_or_fail(f"the GSM8K files are not in {GSM8K_DIR} (train.jsonl and test.jsonl of openai/grade-school-math)")
+
+
+@pytest.fixture(scope="module")
+def svamp_data() -> None:
+    """The original SVAMP.json, in ../shared/data beside the project: without it a test skips, under CI it fails."""
+    if not SVAMP_FILE.is_file():
+        skip_or_fail(f"the SVAMP file is not at {SVAMP_FILE} (SVAMP.json of arkilpatel/SVAMP)")
+
+
+needs_gsm8k = pytest.mark.usefixtures("gsm8k_data")
+needs_svamp = pytest.mark.usefixtures("svamp_data")
 
 
 def ids(problems: list[Problem]) -> list[str]:
@@ -77,7 +94,7 @@ def test_subset_splits() -> None:
 
 
 @pytest.fixture(scope="module")
-def gsm8k() -> TaskSplits:
+def gsm8k(gsm8k_data: None) -> TaskSplits:
     return load_task(GSM8KTaskConfig(data_dir=str(GSM8K_DIR)))
 
 
@@ -215,7 +232,7 @@ def test_svamp_errors(tmp_path: Path) -> None:
     with pytest.raises(TaskDataError, match=r"small\.json entry 1: cannot evaluate Equation 'import os'"):
         load_task(SVAMPTaskConfig(data_path=str(small), n_test_split=1))
     small.write_text(json.dumps([entry, entry]), encoding="utf-8")
-    with pytest.raises(TaskDataError, match=r"n_test_split=2 must be in \[0, 2\)"):
+    with pytest.raises(TaskDataError, match=r"n_test_split=2 must be in \[1, 2\)"):
         load_task(SVAMPTaskConfig(data_path=str(small), n_test_split=2))
 
 

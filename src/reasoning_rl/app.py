@@ -1,8 +1,8 @@
 """The Hydra job: validate the composed config, open the tracker run, run the experiment, report clearly.
 
-Errors a user can fix (a bad config combination, a malformed data file, a model path that does not exist) are
-printed as one paragraph, without a traceback, and the process exits with status 2; the tracker run is marked
-FAILED. Anything else is a bug and keeps its traceback.
+Errors a user can fix (an unknown option or key, a wrongly typed value, a bad config combination, a malformed data
+file, a model path that does not exist) are printed as one paragraph, without a traceback, and the process exits
+with status 2; the tracker run is marked FAILED. Anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -10,10 +10,13 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import CompactHydraException
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from reasoning_rl.checkpointing import Checkpointer, ResumedTracker, RunDirectory, run_key
 from reasoning_rl.config import ConfigError, ExperimentConfig, LoggerName, to_experiment
@@ -31,6 +34,36 @@ EXIT_USER_ERROR = 2
 def fail(message: str) -> None:
     print(f"\nError: {message}\n", file=sys.stderr)
     sys.exit(EXIT_USER_ERROR)
+
+
+def hydra_error_message(error: CompactHydraException) -> str:
+    """Hydra's composition error as one paragraph: its message (less the config search path it lists), the
+    OmegaConf error under it (what is wrong with which key), and where to look up the valid options and keys."""
+    text = " ".join(str(error).split("Config search path:")[0].split())
+    cause = error.__cause__
+    if isinstance(cause, OmegaConfBaseException):
+        text += f": {str(cause).splitlines()[0]}" + (f" (key {cause.full_key})" if cause.full_key else "")
+    return (
+        f"{text}. `python main.py --help` lists the options of each config group, `python main.py --cfg job` "
+        "prints every key with its value."
+    )
+
+
+def run_cli(main: Callable[[], object]) -> None:
+    """Run the ``@hydra.main`` function as ``python main.py`` does, but with Hydra's composition errors (an unknown
+    option or key, a value of the wrong type) reported like our own: one paragraph and status 2.
+
+    Hydra prints those and exits with status 1, the status of a crash. With ``HYDRA_FULL_ERROR=1``, its documented
+    switch, it raises every error instead: the composition errors are caught here by their type, and any other
+    exception ends in its full traceback (status 1) as before. A user who set the variable gets the traceback."""
+    wants_traceback = os.environ.get("HYDRA_FULL_ERROR") == "1"
+    os.environ["HYDRA_FULL_ERROR"] = "1"
+    try:
+        main()
+    except CompactHydraException as error:
+        if wants_traceback:
+            raise
+        fail(hydra_error_message(error))
 
 
 def check_output_dirs(argv: list[str]) -> None:
@@ -80,15 +113,21 @@ def open_tracker(cfg: ExperimentConfig, project_root: Path, run_id: str | None =
     run_name = cfg.logger.run_name or "-".join(tags[k] for k in ("algo", "reward", "init", "model", "task"))
     # In a multirun: the sweep's parent run, and this job's value on each of the sweep's axes (sweep.py).
     parent_run_id, sweep_tags = job_sweep_tags(HydraConfig.get(), uri) if HydraConfig.initialized() else (None, {})
+    from mlflow.exceptions import MlflowException  # imported here: mlflow is slow to import
+
     try:
         return MLflowTracker(
             uri, cfg.logger.experiment, run_name, {**tags, **sweep_tags}, run_id=run_id, parent_run_id=parent_run_id
         )
-    except Exception as error:  # mlflow's own exception type: the run to resume is gone from this store
+    except (MlflowException, OSError) as error:  # a store MLflow cannot open or create, or a run gone from it
+        reason = str(error).strip().splitlines()[0][:200].rstrip(".")  # MLflow's messages run on for lines
         if run_id is None:
-            raise
+            raise ConfigError(
+                f"cannot open the MLflow tracking store {uri}: {reason}. Set logger.tracking_uri to one MLflow can "
+                "open (sqlite:///path/to/mlflow.db in a writable directory, http://host:port), or logger=none."
+            ) from None
         raise ConfigError(
-            f"cannot reopen MLflow run {run_id} to resume it in {uri}: {error}. Run with resume=false to start "
+            f"cannot reopen MLflow run {run_id} to resume it in {uri}: {reason}. Run with resume=false to start "
             "this config afresh."
         ) from None
 

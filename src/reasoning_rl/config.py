@@ -190,7 +190,9 @@ class ArithTaskConfig(TaskConfig):
         if self.size_train < 1 or self.size_test < 1:
             raise ConfigError(f"task.size_train={self.size_train} and task.size_test={self.size_test} must be >= 1.")
         if self.max_number < 1:
-            raise ConfigError(f"task.max_number={self.max_number} must be >= 1 (operands are drawn from 1..max_number).")
+            raise ConfigError(
+                f"task.max_number={self.max_number} must be >= 1 (operands are drawn from 1..max_number)."
+            )
         if not 1 <= self.min_steps <= self.max_steps:
             raise ConfigError(f"need 1 <= task.min_steps <= task.max_steps, got {self.min_steps}, {self.max_steps}.")
         if not self.operations or set(self.operations) - set("+-*"):
@@ -229,8 +231,10 @@ class SFTInitConfig(InitConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not self.epochs > 0 or (self.max_steps is not None and self.max_steps < 1):
-            raise ConfigError(f"init.epochs={self.epochs} must be > 0 and init.max_steps={self.max_steps} >= 1 or null.")
+        if not self.epochs > 0:
+            raise ConfigError(f"init.epochs={self.epochs} must be > 0.")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ConfigError(f"init.max_steps={self.max_steps} must be >= 1, or null to let init.epochs decide.")
         if self.lr is not None and not self.lr > 0:
             raise ConfigError(f"init.lr={self.lr} must be > 0, or null for model.lr.")
 

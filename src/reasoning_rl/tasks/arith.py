@@ -20,7 +20,7 @@ from __future__ import annotations
 import random
 
 from reasoning_rl.config import ArithTaskConfig
-from reasoning_rl.tasks.problem import Problem, TaskSplits, problem_from_reference
+from reasoning_rl.tasks.problem import Problem, TaskDataError, TaskSplits, problem_from_reference
 
 NAMES = (
     ("Tom", "He"),
@@ -44,7 +44,7 @@ MAX_ATTEMPTS = 1000  # redraws of one problem before concluding the settings all
 def generate_arith_problem(
     rng: random.Random, min_steps: int, max_steps: int, max_number: int, operations: str
 ) -> tuple[str, str]:
-    """One (question, reference) pair drawn from ``rng``; raises ValueError if the settings admit no problem
+    """One (question, reference) pair drawn from ``rng``; raises TaskDataError if the settings admit no problem
     (only subtraction, with more steps than ``max_number`` allows)."""
     for _ in range(MAX_ATTEMPTS):
         name, pronoun = rng.choice(NAMES)
@@ -64,7 +64,7 @@ def generate_arith_problem(
         else:
             sentences.append(f"How many {items} does {name} have?")
             return " ".join(sentences), "\n".join([*lines, f"#### {value}"])
-    raise ValueError(
+    raise TaskDataError(
         f"no arith problem with {min_steps}..{max_steps} steps of {operations!r} and operands "
         f"up to {max_number}: raise task.max_number or allow '+'"
     )
@@ -86,7 +86,7 @@ def generate_arith(
         if question not in test_questions:
             train.append((question, reference))
     if len(train) < size_train:
-        raise ValueError(
+        raise TaskDataError(
             f"only {len(train)} of {size_train} arith train problems avoid the test questions: "
             "raise task.max_number or lower task.size_test"
         )

@@ -30,22 +30,37 @@ def gsm8k_problem(row: Any, id: str, where: str) -> Problem:
 def read_gsm8k_jsonl(path: Path, split: str) -> list[Problem]:
     """Every problem of one GSM8K jsonl file, in file order, with ids "gsm8k/<split>/<index>"."""
     if not path.is_file():
+        problem = "is a directory, not a file" if path.is_dir() else "does not exist"
         raise TaskDataError(
-            f"GSM8K file {path.resolve()} does not exist. Put the original {path.name} there (from "
+            f"GSM8K file {path.resolve()} {problem}. Put the original {path.name} there (from "
             "openai/grade-school-math), set task.data_dir to a directory that has it, or set task.data_dir=null "
             "to load openai/gsm8k from the hub."
         )
     problems: list[Problem] = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
+    with path.open("rb") as f:  # bytes, decoded line by line, so a bad byte is reported with its line
+        for lineno, raw in enumerate(f, start=1):
+            where = f"{path} line {lineno}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise TaskDataError(
+                    f"{where}: not UTF-8 text (byte {raw[e.start]:#04x} at byte {e.start + 1} of the line); "
+                    "save the file as UTF-8"
+                ) from None
             if not line.strip():
                 continue  # a trailing blank line is not an error
-            where = f"{path} line {lineno}"
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
-                raise TaskDataError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
+                raise TaskDataError(
+                    f"{where}: invalid JSON ({e.msg.removesuffix(' at')} at column {e.colno})"
+                ) from None
             problems.append(gsm8k_problem(row, f"gsm8k/{split}/{len(problems)}", where))
+    if not problems:
+        raise TaskDataError(
+            f"GSM8K file {path} holds no problems (it is empty or blank): put the original {path.name} there (from "
+            "openai/grade-school-math), one JSON object per line."
+        )
     return problems
 
 
@@ -68,8 +83,9 @@ def load_gsm8k(cfg: GSM8KTaskConfig) -> TaskSplits:
         return _load_from_hub(cfg.hub_id)
     data_dir = Path(cfg.data_dir)  # a relative path is relative to the working directory
     if not data_dir.is_dir():
+        problem = "is a file, not a directory" if data_dir.exists() else "does not exist"
         raise TaskDataError(
-            f"GSM8K data directory {data_dir.resolve()} does not exist. Set task.data_dir to a directory with "
+            f"GSM8K data directory {data_dir.resolve()} {problem}. Set task.data_dir to a directory with "
             f"train.jsonl and test.jsonl, or task.data_dir=null to load {cfg.hub_id} from the hub."
         )
     return TaskSplits(

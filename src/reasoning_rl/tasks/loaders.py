@@ -16,7 +16,7 @@ from typing import Any
 from reasoning_rl.config import TaskConfig
 from reasoning_rl.tasks.arith import load_arith
 from reasoning_rl.tasks.gsm8k import load_gsm8k
-from reasoning_rl.tasks.problem import TaskSplits
+from reasoning_rl.tasks.problem import TaskDataError, TaskSplits
 from reasoning_rl.tasks.svamp import load_svamp
 from reasoning_rl.tasks.symbolic import load_gsm_symbolic
 
@@ -45,8 +45,23 @@ def subset_splits(splits: TaskSplits, n_train: int | None, n_test: int | None, s
 
 def load_task(cfg: TaskConfig) -> TaskSplits:
     """Load the task ``cfg.name`` and take the configured subsets. Relative paths in ``cfg`` are resolved
-    against the working directory (callers resolve them against the project first)."""
+    against the working directory (callers resolve them against the project first).
+
+    Unlike ``subset_splits``, it refuses an empty split and a subset larger than its split (a sweep over
+    ``task.n_train`` would otherwise run its largest values on one and the same, smaller, training set)."""
     loader = LOADERS.get(cfg.name)
     if loader is None:
         raise ValueError(f"unknown task {cfg.name!r}; valid tasks: {', '.join(LOADERS)}")
-    return subset_splits(loader(cfg), cfg.n_train, cfg.n_test, cfg.subset_seed)
+    splits = loader(cfg)
+    for split, problems, key, n in (
+        ("train", splits.train, "n_train", cfg.n_train),
+        ("test", splits.test, "n_test", cfg.n_test),
+    ):
+        if not problems:
+            raise TaskDataError(f"task {cfg.name} has no {split} problems; check its data and settings (task.*).")
+        if n is not None and n > len(problems):
+            raise TaskDataError(
+                f"task.{key}={n}, but task {cfg.name} has only {len(problems)} {split} problems: lower task.{key}, "
+                "or set it to null to use them all."
+            )
+    return subset_splits(splits, cfg.n_train, cfg.n_test, cfg.subset_seed)

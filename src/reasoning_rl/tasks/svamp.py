@@ -81,7 +81,10 @@ def svamp_problem(row: Any, split: str, index: int, where: str) -> Problem:
         lines, value = equation_steps(str(row["Equation"]))
     except CalculatorError as e:
         raise TaskDataError(f"{where}: cannot evaluate Equation {row['Equation']!r}: {e}") from None
-    answer = float(row["Answer"])
+    try:
+        answer = float(row["Answer"])
+    except (TypeError, ValueError):
+        raise TaskDataError(f"{where}: Answer {row['Answer']!r} is not a number") from None
     if abs(float(value) - answer) > 1e-6 * max(1.0, abs(answer)):
         raise InconsistentEntry(
             f"{where}: Equation {row['Equation']!r} gives {format_number(value)}, but Answer is {answer}"
@@ -93,16 +96,26 @@ def svamp_problem(row: Any, split: str, index: int, where: str) -> Problem:
 
 def _read_rows(path: Path) -> list[Any]:
     if not path.is_file():
+        problem = "is a directory, not a file" if path.is_dir() else "does not exist"
         raise TaskDataError(
-            f"SVAMP file {path.resolve()} does not exist. Set task.data_path to the SVAMP.json file "
+            f"SVAMP file {path.resolve()} {problem}. Set task.data_path to the SVAMP.json file "
             "(from arkilpatel/SVAMP), or task.data_path=null to load it from the hub."
         )
+    data = path.read_bytes()
     try:
-        rows = json.loads(path.read_text(encoding="utf-8"))
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise TaskDataError(
+            f"{path} line {line}: not UTF-8 text (byte {data[e.start]:#04x}); save it as UTF-8"
+        ) from None
+    try:
+        rows = json.loads(text)
     except json.JSONDecodeError as e:
         raise TaskDataError(f"{path} line {e.lineno}: invalid JSON ({e.msg})") from None
-    if not isinstance(rows, list):
-        raise TaskDataError(f"{path}: expected a JSON list of SVAMP entries, got {type(rows).__name__}")
+    if not isinstance(rows, list) or not rows:
+        got = "an empty list" if isinstance(rows, list) else type(rows).__name__
+        raise TaskDataError(f"{path}: expected a JSON list of SVAMP entries, got {got}")
     return rows
 
 
@@ -117,8 +130,8 @@ def load_svamp(cfg: SVAMPTaskConfig) -> TaskSplits:
     """SVAMP's entries in file order; the last ``cfg.n_test_split`` are the test split."""
     source = f"hub dataset {cfg.hub_id}" if cfg.data_path is None else str(cfg.data_path)
     rows = _read_hub(cfg.hub_id) if cfg.data_path is None else _read_rows(Path(cfg.data_path))
-    if not 0 <= cfg.n_test_split < len(rows):
-        raise TaskDataError(f"task.n_test_split={cfg.n_test_split} must be in [0, {len(rows)}) for {source}")
+    if not 1 <= cfg.n_test_split < len(rows):  # both splits non-empty
+        raise TaskDataError(f"task.n_test_split={cfg.n_test_split} must be in [1, {len(rows)}) for {source}")
     cut = len(rows) - cfg.n_test_split
     splits: dict[str, list[Problem]] = {"train": [], "test": []}
     for i, row in enumerate(rows):
