@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import random
 import shutil
 from pathlib import Path
@@ -17,6 +18,7 @@ from hydra import compose, initialize_config_dir
 
 from reasoning_rl.checkpointing import (
     Checkpointer,
+    ResumedTracker,
     RunBusyError,
     RunDirectory,
     join_tensors,
@@ -26,7 +28,7 @@ from reasoning_rl.checkpointing import (
 )
 from reasoning_rl.config import register_configs, to_experiment
 from reasoning_rl.experiment import resolve_paths, run_experiment
-from reasoning_rl.tracking import NullTracker
+from reasoning_rl.tracking import MLflowTracker, NullTracker
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -85,6 +87,7 @@ def test_a_new_checkpoint_replaces_the_old_one_and_state_names_it(tmp_path):
     assert checkpoints.restore() is None and checkpoints.describe_latest() == "no checkpoint yet"
     checkpoints.save(2, {"x": 1}, {"policy": module})
     (tmp_path / "ckpt-000004").mkdir()  # left by a run killed between its rename and its state update
+    (tmp_path / "ckpt-000004" / "policy.safetensors").write_bytes(b"")  # not empty: a rename cannot replace it
     checkpoints.save(4, {"x": 2}, {"policy": module})
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt-000004", "state.json"]
     assert json.loads((tmp_path / "state.json").read_text()) == {"checkpoint": "ckpt-000004", "step": 4}
@@ -109,13 +112,38 @@ def test_a_run_directory_is_locked_and_cleans_what_a_killed_writer_left(tmp_path
 
 def test_split_tensors_leaves_no_tensor_in_the_json(tmp_path):
     tensors: dict[str, torch.Tensor] = {}
-    tree = split_tensors({"a": [torch.ones(2), (torch.zeros(1), 3)], 5: np.arange(3)}, tensors, "s")
-    json.dumps(tree)  # JSON-able
+    tree = split_tensors({"a": [torch.ones(2), (torch.zeros(1), 3)], 5: np.arange(3), "inf": -math.inf}, tensors, "s")
+    json.dumps(tree, allow_nan=False)  # strict JSON: no NaN or Infinity literals, which other readers refuse
     assert sorted(tensors) == ["s.0.0", "s.0.1.0"]  # a dict with a non-str key is stored as a list of items
     back = join_tensors(json.loads(json.dumps(tree)), tensors)
     assert torch.equal(back["a"][0], torch.ones(2)) and back["a"][1][1] == 3 and back[5].tolist() == [0, 1, 2]
+    assert back["inf"] == -math.inf
     with pytest.raises(TypeError, match="cannot checkpoint a object"):
         split_tensors(object(), {}, "s")
+
+
+def test_a_resumed_tracker_logs_each_metric_point_and_param_once(tmp_path, monkeypatch):
+    """A redone step logs again what the killed run logged: the reopened run keeps one point per (name, step), and
+    params it holds are not sent again (MLflow refuses to change one, and checkpoint_every may differ)."""
+    from mlflow.tracking import MlflowClient
+
+    # MLflow's file store: the client API runs use with sqlite, without the ~7 s of CPU that creating its tables takes
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    uri = (tmp_path / "mlruns").as_uri()
+    killed = MLflowTracker(uri, "test", "run", {})
+    killed.log_params({"checkpoint_every": 1})
+    killed.log_metrics({"train/loss": 1.0}, step=1)
+    killed.log_metrics({"train/loss": 2.0}, step=2)  # step 2 was cut short after logging; it is redone below
+    killed.finish("KILLED")
+    resumed = ResumedTracker(MLflowTracker(uri, "test", "run", {}, run_id=killed.run_id), uri)
+    resumed.log_params({"checkpoint_every": 5, "seed": 0})
+    resumed.log_metrics({"train/loss": 2.5}, step=2)
+    resumed.log_metrics({"train/loss": 3.0}, step=3)
+    resumed.finish()
+    client = MlflowClient(tracking_uri=uri)
+    history = client.get_metric_history(killed.run_id, "train/loss")
+    assert sorted((p.step, p.value) for p in history) == [(1, 1.0), (2, 2.0), (3, 3.0)]
+    assert client.get_run(killed.run_id).data.params == {"checkpoint_every": "1", "seed": "0"}
 
 
 def test_run_key_ignores_how_to_run_but_not_what_to_compute(tmp_path):
@@ -138,7 +166,8 @@ def test_not_enough_disk_fails_early_with_a_clear_message(tmp_path):
 
 def test_nan_in_ppo_stops_at_its_step_and_keeps_the_last_good_checkpoint(tmp_path):
     ppo = ["algo=ppo", "algo.rollout_questions=4", "algo.num_samples=2", "algo.max_new_tokens=16",
-           "algo.eval_init=false", f"cache_dir={tmp_path / 'cache'}", "checkpoint_every=1"]  # fmt: skip
+           "algo.eval_init=false", f"cache_dir={tmp_path / 'cache'}", "checkpoint_every=1",
+           "algo.critic_warmup_steps=0"]  # fmt: skip
     checkpoints = Checkpointer(tmp_path, every=1, restore=True)
     cfg = compose_experiment([*TINY_RUN, *ppo, "algo.steps=1"])
     run_experiment(cfg, NullTracker(), base_dir=tmp_path, output_dir=tmp_path / "out1", checkpoints=checkpoints)

@@ -170,8 +170,8 @@ def test_orm_guided_training_draws_only_questions_the_orm_did_not_learn_from(tmp
     def context(reward: RewardName, disjoint: bool = True) -> RunContext:
         cfg = ExperimentConfig(
             algo=EIConfig(max_new_tokens=16), reward=RewardConfig(name=reward), init=SFTInitConfig(), model=TINY,
-            task=ArithTaskConfig(), logger=LoggerConfig(name=LoggerName.none), orm=ORMConfig(disjoint=disjoint, max_new_tokens=16),
-            eval=EvalConfig(max_new_tokens=16),
+            task=ArithTaskConfig(), logger=LoggerConfig(name=LoggerName.none),
+            orm=ORMConfig(disjoint=disjoint, max_new_tokens=16), eval=EvalConfig(max_new_tokens=16),
         )  # fmt: skip
         ctx = RunContext(cfg, None, None, splits, str, NullTracker(), tmp_path, CPU)  # type: ignore[arg-type]
         ctx.orm_question_ids = frozenset({"p0", "p2", "p4"})

@@ -19,6 +19,8 @@ from reasoning_rl.algos.ppo_math import (
     masked_mean,
     masked_var,
     masked_whiten,
+    ridge_normal_equations,
+    solve_ridge,
     token_logprobs,
 )
 from reasoning_rl.config import KLEstimator
@@ -174,3 +176,19 @@ def test_clipped_value_loss_by_hand():
     # 0.6: inside the clip: (0.6 - 1)^2 = 0.16 both -> 0.08
     # 0.2: unclipped 0.64; clipped 0.5 - 0.2 = 0.3 -> 0.49; half the max = 0.32
     close(clipped_value_loss(values, old, returns, value_clip=0.2), [0.045, 0.08, 0.32])
+
+
+def test_least_squares_value_fit_by_hand():
+    # one feature x at 3 real tokens, targets y = 2x + 1: (0, 1), (1, 3), (2, 5); a 4th token is padding (masked out)
+    features = torch.tensor([[[0.0], [1.0]], [[2.0], [9.0]]])  # (B=2, T=2, H=1)
+    targets = torch.tensor([[1.0, 3.0], [5.0, -100.0]])  # (B, T)
+    mask = torch.tensor([[1.0, 1.0], [1.0, 0.0]])
+    xtx, xty = ridge_normal_equations(features, targets, mask)
+    # X = [[0, 1], [1, 1], [2, 1]]: X^T X = [[5, 3], [3, 3]], X^T y = [0 + 3 + 10, 1 + 3 + 5] = [13, 9]
+    assert xtx.tolist() == [[5.0, 3.0], [3.0, 3.0]] and xty.tolist() == [13.0, 9.0]
+    weight, bias = solve_ridge(xtx, xty, ridge=0.0)
+    assert weight.tolist() == pytest.approx([2.0]) and bias == pytest.approx(1.0)
+    # a ridge penalty shrinks the weight, never the bias: penalty = 1.0 * mean(5, 3) = 4 on w only,
+    # [[9, 3], [3, 3]] (w, b) = (13, 9) -> w = (13 - 9) / 6 = 2/3, b = 3 - 2/3 = 7/3
+    weight, bias = solve_ridge(xtx, xty, ridge=1.0)
+    assert weight.tolist() == pytest.approx([2 / 3]) and bias == pytest.approx(7 / 3)

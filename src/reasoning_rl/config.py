@@ -340,8 +340,10 @@ class PPOConfig(AlgoConfig):
     lr: float | None = None  # AdamW learning rate of the policy (constant); None = model.lr / 10
     value_lr: float | None = None  # AdamW learning rate of the value head; None = 10 x lr (a fresh zero layer at
     #   the policy's lr barely moves in a run: explained variance stayed <= 0 at the tiny scale)
-    critic_warmup_steps: int = 1  # first PPO steps that train the value head alone (policy and trunk untouched), so
-    #   the first policy update already has a baseline (verl's trainer.critic_warmup); their samples count as drawn
+    critic_warmup_steps: int = 1  # first PPO steps that only fit the value head (least squares on the trunk's
+    #   features; the policy is not updated), so the first policy update has a baseline (as verl's
+    #   trainer.critic_warmup); their samples count as drawn
+    critic_warmup_ridge: float = 1e-3  # the warm-up fit's ridge penalty, relative to the features' mean square
     warmup_updates: int = 0  # optimizer steps of linear learning-rate warm-up (Adam's first steps are sign-like)
     grad_clip: float = 1.0  # max gradient norm
     kl_coef: float = 0.05  # beta: per-token penalty beta * KL(pi || pi_ref) subtracted from the reward
@@ -352,7 +354,7 @@ class PPOConfig(AlgoConfig):
     gamma: float = 1.0  # discount: 1, an episode is one solution and only its end is rewarded (sparse, orm)
     lam: float = 1.0  # GAE lambda: 1, the advantage is the return minus the value, unbiased however poor the
     #   young value head is (lam < 1 mixes in its errors and shrinks a final reward by lam^T over T tokens:
-    #   0.95^40 = 0.13); verl and TRL's PPO for verifiable rewards default to 1 as well
+    #   0.95^40 = 0.13); verl defaults both gamma and lam to 1 (TRL's PPO keeps lam 0.95)
     clip_coef: float = 0.2  # epsilon of the clipped policy ratio
     vf_coef: float = 0.1  # weight of the value loss in the total loss
     value_clip: float = 0.2  # how far a value prediction may move from the rollout's before its loss is clipped
@@ -404,7 +406,8 @@ class EvalConfig:
     temperature: float = 0.7  # sampling temperature of the K samples (the greedy maj@1 sample uses 0)
     top_p: float = 1.0  # nucleus sampling of the K samples
     max_new_tokens: int = 256  # completion length limit
-    save_samples: bool = True  # write every sample to eval/samples.jsonl as an MLflow artifact
+    save_samples: bool = True  # write every sample to eval/samples.jsonl (and eval/samples_step<i>.jsonl for each
+    #   point of an EI or PPO curve) as MLflow artifacts
 
     def __post_init__(self) -> None:
         if self.k < 1:

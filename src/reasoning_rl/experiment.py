@@ -29,7 +29,7 @@ from reasoning_rl.config import ExperimentConfig, GSM8KTaskConfig, InitName, Mod
 from reasoning_rl.evaluation import EvalResult, write_records
 from reasoning_rl.models import TORCH_DTYPES, load_checkpoint, load_policy, resolve_device, save_checkpoint
 from reasoning_rl.prompts import build_prompt, pick_exemplars
-from reasoning_rl.run_context import RunContext, evaluate_policy, finetune_params
+from reasoning_rl.run_context import RunContext, evaluate_policy, finetune_params, training_questions
 from reasoning_rl.stages import cached_stage, init_stage_inputs, progress_dir
 from reasoning_rl.tasks import load_task
 from reasoning_rl.tracking import Tracker
@@ -162,9 +162,10 @@ def run_experiment(
     # 3. init, and the ORM when the reward or the reranking needs one
     ctx.build_prompt = apply_init(ctx)
     if cfg.needs_orm:
-        ctx.orm = orm.load_or_train(ctx)
         pool = orm.orm_questions(splits.train, cfg.orm.n_questions, cfg.orm.disjoint, cfg.seed)
         ctx.orm_question_ids = frozenset(p.id for p in pool)
+        training_questions(ctx)  # orm.disjoint leaves the algorithm some questions: fail before training the ORM
+        ctx.orm = orm.load_or_train(ctx)
 
     # 4. algorithm
     result = ALGOS[cfg.algo.name](ctx)

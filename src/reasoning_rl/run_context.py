@@ -12,7 +12,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from reasoning_rl.algos.sft import FinetuneParams
 from reasoning_rl.config import ConfigError, ExperimentConfig, ModelConfig, RewardName
-from reasoning_rl.evaluation import EvalResult, evaluate
+from reasoning_rl.evaluation import EvalResult, evaluate, write_records
 from reasoning_rl.lora import LoraParams
 from reasoning_rl.tasks import Problem, TaskSplits
 from reasoning_rl.tracking import Tracker
@@ -75,6 +75,10 @@ def evaluate_policy(ctx: RunContext, *, step: int | None = None, progress: bool 
         progress=progress,
     )
     ctx.tracker.log_metrics(result.metrics, step=step)
+    if step is not None and ctx.cfg.eval.save_samples:  # every point of a curve keeps its samples, for paired
+        # comparisons of one problem across steps (the final evaluation is eval/samples.jsonl as well)
+        written = write_records(result.records, ctx.output_dir / "eval" / f"samples_step{step}.jsonl")
+        ctx.tracker.log_artifact(written, "eval")
     return result
 
 

@@ -10,8 +10,8 @@ Step k = 1 .. algo.steps:
   5. advantages and returns with GAE(gamma, lam), advantages whitened over the batch
   6. algo.ppo_epochs passes over the rollouts in shuffled minibatches of algo.minibatch_size sequences: the clipped
      policy loss plus vf_coef x the clipped value loss, a token mean over the minibatch, accumulated over
-     micro-batches, then gradient-norm clipping and an AdamW step. The first algo.critic_warmup_steps steps train
-     the value head alone, on the trunk's features held fixed, so the policy's first update has a baseline
+     micro-batches, then gradient-norm clipping and an AdamW step. The first algo.critic_warmup_steps steps fit the
+     value head alone instead (least squares on the trunk's features), so the first policy update has a baseline
   7. adapt kl_coef toward kl_target (Ziegler et al.'s controller) when algo.adaptive_kl; log train/ppo_* metrics
   8. evaluate every algo.eval_every steps and after the last step (and the init at step 0)
   9. checkpoint every ``checkpoint_every`` steps and after the last (``checkpointing.py``); a killed run resumes
@@ -61,6 +61,8 @@ from reasoning_rl.algos.ppo_math import (
     kl_estimate,
     masked_mean,
     masked_whiten,
+    ridge_normal_equations,
+    solve_ridge,
     token_logprobs,
 )
 from reasoning_rl.algos.sft import TokenizedExample, collate
@@ -150,24 +152,24 @@ def select_rows(batch: Batch, rows: Sequence[int]) -> Batch:
     return selected
 
 
+def response_features(model: PreTrainedModel, mb: Batch) -> torch.Tensor:
+    """The trunk's last hidden state at the positions that predict generated tokens. (B, T, H)"""
+    device = next(model.parameters()).device
+    hidden = model.base_model(
+        input_ids=mb["input_ids"].to(device), attention_mask=mb["attention_mask"].to(device)
+    ).last_hidden_state  # (B, L, H)
+    index = mb["positions"].to(device)[..., None].expand(-1, -1, hidden.shape[-1])  # (B, T, H)
+    return hidden.gather(1, index)  # (B, T, H)
+
+
 def forward(
-    model: PreTrainedModel, value_head: torch.nn.Module | None, mb: Batch, *, values_only: bool = False
+    model: PreTrainedModel, value_head: torch.nn.Module | None, mb: Batch
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Logits (B, T, V) at the positions that predict generated tokens, and values (B, T) (None without a head).
 
     The trunk runs once; the LM head (and value head) only at the positions that predict generated tokens.
-    ``values_only`` (the critic warm-up): no trunk gradient and no LM head; the logits returned are empty.
     """
-    device = next(model.parameters()).device
-    with torch.set_grad_enabled(torch.is_grad_enabled() and not values_only):
-        hidden = model.base_model(
-            input_ids=mb["input_ids"].to(device), attention_mask=mb["attention_mask"].to(device)
-        ).last_hidden_state  # (B, L, H)
-    index = mb["positions"].to(device)[..., None].expand(-1, -1, hidden.shape[-1])  # (B, T, H)
-    hidden = hidden.gather(1, index)  # (B, T, H)
-    if values_only:
-        assert value_head is not None
-        return hidden.new_empty(0), value_head(hidden).squeeze(-1).float()
+    hidden = response_features(model, mb)  # (B, T, H)
     logits = model.get_output_embeddings()(hidden).float()  # (B, T, V)
     values = value_head(hidden).squeeze(-1).float() if value_head is not None else None  # (B, T)
     return logits, values
@@ -260,22 +262,13 @@ def evaluate_rollouts(
 
 
 def accumulate_gradients(
-    model: PreTrainedModel,
-    value_head: torch.nn.Module,
-    mb_batch: Batch,
-    micro_batch_size: int,
-    cfg: PPOConfig,
-    *,
-    critic_only: bool = False,
+    model: PreTrainedModel, value_head: torch.nn.Module, mb_batch: Batch, micro_batch_size: int, cfg: PPOConfig
 ) -> dict[str, float]:
     """Backward of one minibatch's loss, micro-batch by micro-batch; returns its token-mean statistics.
 
     Every micro-batch's summed token losses are divided by the whole minibatch's token count, so the accumulated
-    gradient is that of the minibatch's token-mean loss whatever the micro-batch size. ``critic_only`` (the critic
-    warm-up): the value loss alone, into the value head alone.
+    gradient is that of the minibatch's token-mean loss whatever the micro-batch size.
     """
-    if critic_only:
-        return accumulate_value_gradients(model, value_head, mb_batch, micro_batch_size, cfg)
     num_tokens = float(mb_batch["mask"].sum())
     totals: dict[str, float] = defaultdict(float)
     num_rows = mb_batch["mask"].shape[0]
@@ -304,26 +297,6 @@ def accumulate_gradients(
     return dict(totals)
 
 
-def accumulate_value_gradients(
-    model: PreTrainedModel, value_head: torch.nn.Module, mb_batch: Batch, micro_batch_size: int, cfg: PPOConfig
-) -> dict[str, float]:
-    """The critic warm-up's backward: the clipped value loss of one minibatch into the value head only."""
-    num_tokens = float(mb_batch["mask"].sum())
-    totals: dict[str, float] = defaultdict(float)
-    num_rows = mb_batch["mask"].shape[0]
-    for start in range(0, num_rows, micro_batch_size):
-        mb = select_rows(mb_batch, range(start, min(start + micro_batch_size, num_rows)))
-        mb = {k: v.to(next(model.parameters()).device) for k, v in mb.items()}
-        _, values = forward(model, value_head, mb, values_only=True)  # (B, T)
-        value_loss = clipped_value_loss(values, mb["old_values"], mb["returns"], cfg.value_clip)  # (B, T)
-        (cfg.vf_coef * (value_loss * mb["mask"]).sum() / num_tokens).backward()
-        with torch.no_grad():
-            moved = ((values - mb["old_values"]).abs() > cfg.value_clip).float()  # (B, T)
-            totals["value_loss"] += float((value_loss * mb["mask"]).sum()) / num_tokens
-            totals["value_clip_fraction"] += float((moved * mb["mask"]).sum()) / num_tokens
-    return dict(totals)
-
-
 def ppo_update(
     model: PreTrainedModel,
     value_head: torch.nn.Module,
@@ -336,12 +309,10 @@ def ppo_update(
     generator: torch.Generator,
     scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
     progress: str | None = None,
-    critic_only: bool = False,
 ) -> dict[str, float]:
     """Phase 6: ``cfg.ppo_epochs`` shuffled passes of minibatch updates; the statistics averaged over minibatches.
 
-    ``progress``: a progress bar over the optimizer steps with this description (None: no bar). ``critic_only``:
-    the critic warm-up (see :func:`accumulate_gradients`)."""
+    ``progress``: a progress bar over the optimizer steps with this description (None: no bar)."""
     params = [*model.parameters(), *value_head.parameters()]
     stats: dict[str, list[float]] = defaultdict(list)
     num_rows = batch["mask"].shape[0]
@@ -351,8 +322,7 @@ def ppo_update(
         order = torch.randperm(num_rows, generator=generator).tolist()
         for start in range(0, num_rows, minibatch_size):
             mb_batch = select_rows(batch, order[start : start + minibatch_size])
-            mb_stats = accumulate_gradients(model, value_head, mb_batch, micro_batch_size, cfg, critic_only=critic_only)
-            for name, value in mb_stats.items():
+            for name, value in accumulate_gradients(model, value_head, mb_batch, micro_batch_size, cfg).items():
                 stats[name].append(value)
             stats["grad_norm"].append(float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)))
             optimizer.step()
@@ -362,6 +332,34 @@ def ppo_update(
             bar.update()
     bar.close()
     return {name: sum(values) / len(values) for name, values in stats.items()}
+
+
+@torch.no_grad()
+def fit_value_head(
+    model: PreTrainedModel, value_head: torch.nn.Linear, batch: Batch, micro_batch_size: int, ridge: float
+) -> float:
+    """The critic warm-up: set the value head to the least-squares fit of the batch's returns on the trunk's
+    features at every generated token (ridge-regularised, ``ppo_math.solve_ridge``); returns the fit's explained
+    variance on the batch. The trunk is untouched, so the policy is too.
+
+    Why a fit rather than gradient steps: the zero head must first learn the mean return (~0.7 for a good SFT
+    init) and AdamW moves a weight about one learning rate per update, so at PPO's learning rates it took most of
+    a run to get there (explained variance stayed below 0 for 16 steps of 4 updates at value_lr 1e-3).
+    """
+    xtx, xty = None, None
+    for start in range(0, batch["mask"].shape[0], micro_batch_size):
+        mb = select_rows(batch, range(start, min(start + micro_batch_size, batch["mask"].shape[0])))
+        sums = ridge_normal_equations(response_features(model, mb).cpu(), mb["returns"], mb["mask"])
+        xtx, xty = sums if xtx is None else (xtx + sums[0], xty + sums[1])
+    weight, bias = solve_ridge(xtx, xty, ridge)
+    value_head.weight.copy_(weight.to(value_head.weight)[None])
+    value_head.bias.fill_(bias)
+    fitted = torch.zeros_like(batch["returns"])  # (N, T)
+    for start in range(0, batch["mask"].shape[0], micro_batch_size):
+        rows = list(range(start, min(start + micro_batch_size, batch["mask"].shape[0])))
+        mb = select_rows(batch, rows)
+        fitted[rows, : mb["mask"].shape[1]] = value_head(response_features(model, mb)).squeeze(-1).float().cpu()
+    return explained_variance(fitted, batch["returns"], batch["mask"])
 
 
 def check_finite(ctx: RunContext, step: int, values: dict[str, torch.Tensor]) -> None:
@@ -461,21 +459,24 @@ def run(ctx: RunContext) -> EvalResult:
         advantages, batch["returns"] = gae(rewards, batch["old_values"], mask, cfg.gamma, cfg.lam)  # (N, T)
         batch["advantages"] = masked_whiten(advantages, mask) if cfg.whiten_advantages else advantages
 
-        # 6. PPO epochs of clipped minibatch updates (of the value head alone during the critic warm-up)
-        critic_warmup = step <= cfg.critic_warmup_steps
-        stats = ppo_update(
-            model,
-            value_head,
-            optimizer,
-            batch,
-            cfg,
-            minibatch_size=minibatch_size,
-            micro_batch_size=micro_batch_size,
-            generator=generator,
-            scheduler=warmup,
-            progress=f"PPO step {step}: {'critic warm-up' if critic_warmup else 'update'}",
-            critic_only=critic_warmup,
-        )
+        # 6. PPO epochs of clipped minibatch updates; during the critic warm-up, a least-squares fit of the value
+        #    head instead (the policy is not updated)
+        if step <= cfg.critic_warmup_steps:
+            stats = {"critic_warmup_explained_variance": fit_value_head(model, value_head, batch, micro_batch_size,
+                                                                          cfg.critic_warmup_ridge)}  # fmt: skip
+        else:
+            stats = ppo_update(
+                model,
+                value_head,
+                optimizer,
+                batch,
+                cfg,
+                minibatch_size=minibatch_size,
+                micro_batch_size=micro_batch_size,
+                generator=generator,
+                scheduler=warmup,
+                progress=f"PPO step {step}: update",
+            )
         check_finite(ctx, step, {"KL penalty": kl, **{f"ppo {name}": torch.tensor(v) for name, v in stats.items()}})
 
         # 7. adapt the KL coefficient, log

@@ -144,3 +144,29 @@ def clipped_value_loss(
     """
     clipped = old_values + (values - old_values).clamp(-value_clip, value_clip)  # (B, T)
     return 0.5 * torch.maximum((values - returns) ** 2, (clipped - returns) ** 2)
+
+
+# ---------------------------------------------------------------------------------------------- value head
+
+
+def ridge_normal_equations(
+    features: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The sums a least-squares fit of ``targets`` on ``[features, 1]`` needs, over the masked positions:
+    (X^T X, X^T y) with X the features plus a column of ones (the bias), in float64 so they can be summed over
+    micro-batches. features (B, T, H), targets and mask (B, T) -> (H + 1, H + 1), (H + 1,)."""
+    rows = mask.reshape(-1) > 0
+    x = features.reshape(-1, features.shape[-1])[rows].double()  # (M, H)
+    x = torch.cat([x, torch.ones_like(x[:, :1])], dim=1)  # (M, H + 1)
+    y = targets.reshape(-1)[rows].double()  # (M,)
+    return x.T @ x, x.T @ y
+
+
+def solve_ridge(xtx: torch.Tensor, xty: torch.Tensor, ridge: float) -> tuple[torch.Tensor, float]:
+    """Weights (H,) and bias minimising |X w + b - y|^2 + ridge * (trace(X^T X) / (H + 1)) * |w|^2 (the bias is
+    not penalised; the penalty is relative, so it means the same at any feature scale)."""
+    penalty = ridge * float(torch.diagonal(xtx).mean())
+    regulariser = torch.eye(xtx.shape[0], dtype=xtx.dtype) * penalty
+    regulariser[-1, -1] = 0.0
+    solution = torch.linalg.solve(xtx + regulariser, xty)  # (H + 1,)
+    return solution[:-1], float(solution[-1])
