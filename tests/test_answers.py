@@ -23,6 +23,7 @@ from reasoning_rl.tasks import (
     parse_number,
     safe_eval,
     split_steps,
+    step_prefixes,
 )
 
 # (completion, reference answer, expected is_correct)
@@ -132,6 +133,8 @@ def test_extract_answer() -> None:
     # 2,000 characters of "7" then " 5": the 1,000-character tail starts inside the run of 7s, and that
     # fragment is skipped rather than read as a number; the last number is 5.
     assert extract_answer("7" * 2000 + " 5") == "5"
+    # "12345" then 997 spaces: the tail's first 3 characters are "345", a cut number, and nothing else is a number
+    assert extract_answer("12345" + " " * 997) is None
 
 
 def test_answers_match_none_and_empty() -> None:
@@ -158,6 +161,7 @@ def test_answers_match_none_and_empty() -> None:
         ("-2**2", Fraction(-4)),  # as in Python: -(2**2)
         ("2**-1", Fraction(1, 2)),
         (" 5. ", Fraction(5)),  # "5." is a number; whitespace around it is ignored
+        ("1**64", Fraction(1)),  # the largest exponent allowed
     ],
 )
 def test_safe_eval(expr: str, value: Fraction) -> None:
@@ -171,6 +175,7 @@ def test_safe_eval(expr: str, value: Fraction) -> None:
         "os.system",  # attribute access
         "x+1",  # variables
         "2**1000",  # exponent over MAX_EXPONENT
+        "1**65",  # exponent over MAX_EXPONENT, although the value is small
         "99999**64",  # allowed exponent, but the result would exceed 10**60
         "10**30*10**30*10",  # magnitude limit on a product: 10**61
         "1/0",  # division by zero
@@ -234,6 +239,14 @@ def test_split_steps() -> None:
     assert split_steps("one\ntwo #### 3\nthree") == ["one", "two"]  # text from "####" on is not a step
     assert split_steps("no marker\nat all") == ["no marker", "at all"]
     assert split_steps("") == []
+
+
+def test_step_prefixes() -> None:
+    # the solution cut after each non-blank line, text kept exactly; a blank line belongs to the step after it
+    assert step_prefixes("a\n\nb\n#### 3") == ["a\n", "a\n\nb\n", "a\n\nb\n#### 3"]
+    assert step_prefixes(SOLUTION)[-1] == SOLUTION and len(step_prefixes(SOLUTION)) == 3  # 2 steps + "####" line
+    assert step_prefixes("one line") == ["one line"]
+    assert step_prefixes("\n  \n") == step_prefixes("") == []
 
 
 def test_intermediate_results() -> None:

@@ -90,6 +90,27 @@ def test_merged_weights_compute_what_the_adapted_model_computed():
     torch.testing.assert_close(model(input_ids=ids).logits, adapted, rtol=1e-4, atol=1e-4)
 
 
+def test_an_adapter_adds_alpha_over_rank_times_b_a_and_merging_adds_it_to_the_weight():
+    tok = build_tiny_tokenizer()
+    model = build_tiny_model(TINY, len(tok), seed=0).eval()
+    attach_adapters(model, ADAPTERS)  # rank 4, alpha 8: the update is (8 / 4) B A = 2 B A
+    q_proj = model.model.layers[0].self_attn.q_proj
+    weight = q_proj.base_layer.weight.detach().clone()  # (32, 32)
+    with torch.no_grad():  # B A = E_00: A's first row picks x[0], B's first column writes it to output 0
+        q_proj.lora_A["default"].weight.zero_()[0, 0] = 1.0  # (4, 32)
+        q_proj.lora_B["default"].weight.zero_()[0, 0] = 1.0  # (32, 4)
+        x = torch.zeros(1, 32)
+        x[0, 0], x[0, 1] = 3.0, 5.0  # (1, 32); B A reads x[0] only
+        delta = q_proj(x) - x @ weight.T  # (1, 32)
+    expected = torch.zeros(1, 32)
+    expected[0, 0] = 6.0  # output 0 gains 2 * x[0] = 2 * 3; the other 31 outputs nothing
+    torch.testing.assert_close(delta, expected, rtol=0, atol=1e-5)
+    merge_adapters(model)
+    expected = torch.zeros(32, 32)
+    expected[0, 0] = 2.0  # W + 2 E_00
+    torch.testing.assert_close(model.model.layers[0].self_attn.q_proj.weight - weight, expected, rtol=0, atol=1e-6)
+
+
 def test_orm_with_lora_trains_its_head_and_its_adapters():
     tok = build_tiny_tokenizer()
     orm = OutcomeRewardModel(build_tiny_model(TINY, len(tok), seed=0), tok)

@@ -161,6 +161,23 @@ def test_stop_strings_cut_text(model: PreTrainedModel, tokenizer: PreTrainedToke
     assert stopped.logprobs == pytest.approx(free.logprobs[:n], abs=1e-5)
 
 
+@pytest.mark.parametrize("fast", [False, True], ids=["plain", "fast"])
+@torch.inference_mode()
+def test_banned_tokens_are_never_sampled(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, fast: bool
+) -> None:  # fmt: skip
+    free = generate(model, tokenizer, PROMPTS, SamplingParams(temperature=0, max_new_tokens=12), fast=fast)
+    banned = sorted({s.token_ids[0] for (s,) in free})  # what greedy decoding picks first: the ban must bite
+    greedy = generate(model, tokenizer, PROMPTS, SamplingParams(0.0, 1.0, 12, (), tuple(banned)), fast=fast)
+    for prompt, (sample,) in zip(PROMPTS, greedy, strict=True):
+        logits = model(torch.tensor([tokenizer(prompt).input_ids])).logits[0, -1]  # (V,)
+        logits[banned] = float("-inf")
+        assert sample.token_ids[0] == int(logits.argmax())  # the best token that is not banned
+    hot = SamplingParams(1.0, 1.0, 12, (), tuple(banned))
+    drawn = generate(model, tokenizer, PROMPTS, hot, num_samples=4, seed=0, fast=fast)
+    assert not set(banned) & {t for group in greedy + drawn for s in group for t in s.token_ids}
+
+
 @torch.inference_mode()
 def test_max_new_tokens_is_respected(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:
     out = generate(model, tokenizer, PROMPTS, SamplingParams(max_new_tokens=5), num_samples=2, seed=3)
@@ -237,6 +254,10 @@ def test_sample_next_token_top_p_keeps_the_smallest_nucleus() -> None:
     assert abs(counts[0] / 2000 - 0.5 / 0.8) < 0.05  # renormalised: 0.625 and 0.375
     # top_p below the top token's probability keeps the top token only: greedy.
     assert (sample_next_token(logits, 1.0, 0.1, None) == 0).all()
+    # At the boundary, with probabilities exact in floating point: 0.5, 0.5, e^-100 / 2. With top_p = 0.5 the first
+    # token's 0.5 already reaches top_p, so the nucleus is that one token (the mass above the second is 0.5, not < 0.5).
+    tied = torch.tensor([0.0, 0.0, -100.0]).repeat(1000, 1)  # (1000, 3)
+    assert len(set(sample_next_token(tied, 1.0, 0.5, torch.Generator().manual_seed(0)).tolist())) == 1
 
 
 def test_progress_bar_and_empty_input(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:

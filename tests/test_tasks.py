@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import shutil
 import time
 from dataclasses import replace
@@ -275,6 +276,28 @@ def test_arith_problems_are_well_formed(min_steps: int, max_steps: int, operatio
         assert p.question.isascii() and p.reference.isascii()
         if max_steps == 2 and "*" not in operations:
             assert len(p.question) + len(p.reference) < 200  # fits a char-level model's 256 positions
+
+
+# What each operation's sentence says (arith.TEMPLATES, written out here): "gets / finds / buys n more", "gives away /
+# loses / sells n", "then has n times as many".
+SAYS = {"+": ("gets", "finds", "buys"), "-": ("gives away", "loses", "sells"), "*": ("then has",)}
+
+
+def test_arith_question_states_the_steps_its_solution_computes() -> None:
+    # "Tom has 5 apples. He gets 3 more. He gives away 2. How many apples does Tom have?" and "5+3=<<5+3=8>>8",
+    # "8-2=<<8-2=6>>6": the start amount opens the first line, and sentence i names line i's operation and operand.
+    splits = _arith(min_steps=1, max_steps=4, operations="+-*")
+    counts = set()
+    for p in splits.train + splits.test:
+        first, *middle, last = p.question.split(". ")
+        lines = [expr for expr, _ in parse_annotations(p.reference)]
+        assert len(middle) == len(lines) and last.startswith("How many")
+        counts.add(len(lines))
+        assert first.split()[2] == re.match(r"[0-9]+", lines[0]).group()  # "Tom has 5 apples", "5+3": 5
+        for sentence, expr in zip(middle, lines, strict=True):
+            _, op, operand = re.fullmatch(r"([0-9]+)([-+*])([0-9]+)", expr).groups()  # "5+3": "+", "3"
+            assert sentence.split(" ", 1)[1].startswith(SAYS[op]) and f" {operand} " in f"{sentence} ", (sentence, expr)
+    assert counts == {1, 2, 3, 4}  # every step count from min_steps to max_steps is drawn
 
 
 def test_arith_impossible_settings() -> None:

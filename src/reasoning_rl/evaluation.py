@@ -19,7 +19,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from reasoning_rl.config import EvalConfig
 from reasoning_rl.metrics import majority_vote, mean, pass_at_k, pass_at_k_ladder, rerank_pick
 from reasoning_rl.prompts import STOP_STRINGS
-from reasoning_rl.rollout import SamplingParams, generate
+from reasoning_rl.rollout import Sample, SamplingParams, generate
 from reasoning_rl.tasks import Problem, answers_match, canonical_answer, extract_answer
 
 
@@ -36,11 +36,73 @@ class EvalResult:
 
 
 def voted_answer(completion: str) -> str | None:
-    """The canonical final answer of a completion, or None when it has none; what majority voting counts."""
+    """The canonical final answer of a completion, or None when it has none; what majority voting counts. An answer
+    that normalises to nothing ("#### ." gives "") is None too: it would otherwise out-vote a correct answer."""
     answer = extract_answer(completion)
     if answer is None:
         return None
-    return canonical_answer(answer)
+    return canonical_answer(answer) or None
+
+
+def metric_names(k: int, *, reranked: bool) -> list[str]:
+    """The per-problem metrics :func:`score_problem` returns for K = ``k`` samples (``rerank_at_k`` with scores)."""
+    names = ["maj_at_1", "maj_at_k", "pass_at_k", "sample_accuracy"]
+    names += [f"pass_at_{j}_unbiased" for j in pass_at_k_ladder(k)]
+    return [*names, *(["rerank_at_k"] if reranked else []), "mean_completion_tokens"]
+
+
+def score_problem(
+    problem: Problem, greedy_text: str, samples: Sequence[Sample], scores: Sequence[float] | None = None
+) -> tuple[dict[str, float], dict]:
+    """One problem's metric values (see :func:`metric_names`) and its record, from its greedy completion, its K
+    samples and, when reranking, one score per sample. Pure: no model, so it is tested on hand-made completions.
+
+    maj@1 grades the greedy answer; maj@K the majority vote over the samples' answers (samples without one do not
+    vote); pass@K is whether any sample is correct; ``pass_at_{j}_unbiased`` the estimator of pass@j from the
+    K samples' correct count (Chen et al. 2021); rerank@K grades the answer of the highest-scored sample;
+    sample_accuracy is the fraction of correct samples; mean_completion_tokens their mean length in tokens.
+    """
+    greedy_answer = voted_answer(greedy_text)
+    sample_answers = [voted_answer(s.text) for s in samples]
+    sample_correct = [answers_match(a, problem.answer) for a in sample_answers]
+    majority = majority_vote(sample_answers)
+    num_correct = sum(sample_correct)
+    finish_reasons = [s.finish_reason for s in samples]
+    values = {
+        "maj_at_1": float(answers_match(greedy_answer, problem.answer)),
+        "maj_at_k": float(answers_match(majority, problem.answer)),
+        "pass_at_k": float(num_correct > 0),
+        "sample_accuracy": num_correct / len(samples),
+    }
+    for k in pass_at_k_ladder(len(samples)):
+        values[f"pass_at_{k}_unbiased"] = pass_at_k(len(samples), num_correct, k)
+    record = {
+        "id": problem.id,
+        "question": problem.question,
+        "answer": problem.answer,
+        "greedy": {"text": greedy_text, "answer": greedy_answer, "correct": bool(values["maj_at_1"])},
+        "samples": [
+            {"text": s.text, "answer": a, "correct": c, "num_tokens": len(s.token_ids), "finish_reason": reason}
+            for s, a, c, reason in zip(samples, sample_answers, sample_correct, finish_reasons, strict=True)
+        ],
+        "majority_answer": majority,
+    }
+    if scores is not None:
+        picked = rerank_pick(sample_answers, scores)
+        values["rerank_at_k"] = float(answers_match(picked, problem.answer))
+        record["rerank_answer"] = picked
+        for sample, score in zip(record["samples"], scores, strict=True):
+            sample["score"] = score
+    values["mean_completion_tokens"] = mean([len(s.token_ids) for s in samples])
+    return values, record
+
+
+def summarize(per_problem: Sequence[dict[str, float]], names: Sequence[str]) -> dict[str, float]:
+    """The eval/ metrics: each per-problem value averaged over the problems (NaN when there are none), and the
+    problem count. Every problem has K samples, so the mean of per-problem mean lengths is the mean over samples."""
+    metrics = {f"eval/{name}": mean([values[name] for values in per_problem]) for name in names}
+    metrics["eval/num_problems"] = float(len(per_problem))
+    return metrics
 
 
 def evaluate(
@@ -83,54 +145,12 @@ def evaluate(
         orm_prompts = [orm_prompt(p.question) for p in problems] if orm_prompt else prompts
         scores = reranker.score(orm_prompts, [[s.text for s in group] for group in sampled])
 
-    ks = pass_at_k_ladder(cfg.k)
-    per_metric: dict[str, list[float]] = {"maj_at_1": [], "maj_at_k": [], "pass_at_k": [], "sample_accuracy": []}
-    per_metric.update({f"pass_at_{k}_unbiased": [] for k in ks})
-    if scores is not None:
-        per_metric["rerank_at_k"] = []
-    lengths: list[float] = []
-    records = []
+    per_problem, records = [], []
     for i, problem in enumerate(problems):
-        greedy_text = greedy[i][0].text
-        greedy_answer = voted_answer(greedy_text)
-        sample_texts = [s.text for s in sampled[i]]
-        sample_answers = [voted_answer(t) for t in sample_texts]
-        sample_correct = [answers_match(a, problem.answer) for a in sample_answers]
-        majority = majority_vote(sample_answers)
-        num_correct = sum(sample_correct)
-        per_metric["maj_at_1"].append(float(answers_match(greedy_answer, problem.answer)))
-        per_metric["maj_at_k"].append(float(answers_match(majority, problem.answer)))
-        per_metric["pass_at_k"].append(float(num_correct > 0))
-        per_metric["sample_accuracy"].append(num_correct / cfg.k)
-        for k in ks:
-            per_metric[f"pass_at_{k}_unbiased"].append(pass_at_k(cfg.k, num_correct, k))
-        record = {
-            "id": problem.id,
-            "question": problem.question,
-            "answer": problem.answer,
-            "greedy": {
-                "text": greedy_text,
-                "answer": greedy_answer,
-                "correct": bool(per_metric["maj_at_1"][-1]),
-            },
-            "samples": [
-                {"text": t, "answer": a, "correct": c, "num_tokens": len(s.token_ids), "finish_reason": s.finish_reason}
-                for t, a, c, s in zip(sample_texts, sample_answers, sample_correct, sampled[i], strict=True)
-            ],
-            "majority_answer": majority,
-        }
-        if scores is not None:
-            picked = rerank_pick(sample_answers, scores[i])
-            per_metric["rerank_at_k"].append(float(answers_match(picked, problem.answer)))
-            record["rerank_answer"] = picked
-            for sample, score in zip(record["samples"], scores[i], strict=True):
-                sample["score"] = score
-        lengths.extend(len(s.token_ids) for s in sampled[i])
+        values, record = score_problem(problem, greedy[i][0].text, sampled[i], None if scores is None else scores[i])
+        per_problem.append(values)
         records.append(record)
-
-    metrics = {f"eval/{name}": mean(values) for name, values in per_metric.items()}
-    metrics["eval/mean_completion_tokens"] = mean(lengths)
-    metrics["eval/num_problems"] = float(len(problems))
+    metrics = summarize(per_problem, metric_names(cfg.k, reranked=scores is not None))
     return EvalResult(metrics, records)
 
 

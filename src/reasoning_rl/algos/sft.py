@@ -231,6 +231,7 @@ def finetune(
             batch_loss += mb_loss_sum.item()
         # 3. clip, step, schedule
         grad_norm = torch.nn.utils.clip_grad_norm_(trainable, params.grad_clip)
+        step_lr = scheduler.get_last_lr()[0]  # the rate this step uses (after scheduler.step(), the next step's)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
@@ -243,7 +244,7 @@ def finetune(
             tracker.log_metrics(
                 {
                     f"train/{metric_prefix}_loss": loss,
-                    f"train/{metric_prefix}_lr": scheduler.get_last_lr()[0],
+                    f"train/{metric_prefix}_lr": step_lr,
                     f"train/{metric_prefix}_grad_norm": float(grad_norm),
                 },
                 step=step_offset + step + 1,
