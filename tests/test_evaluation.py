@@ -12,6 +12,7 @@ import torch
 
 from reasoning_rl.config import EvalConfig, ModelConfig, ModelSource
 from reasoning_rl.evaluation import evaluate, metric_names, score_problem, summarize, voted_answer
+from reasoning_rl.metrics import within_question_auc
 from reasoning_rl.models import build_tiny_model, build_tiny_tokenizer
 from reasoning_rl.prompts import STOP_STRINGS, build_prompt
 from reasoning_rl.rollout import Sample, SamplingParams, generate
@@ -104,6 +105,9 @@ def test_rerank_at_k_grades_the_highest_scored_sample():
     assert values_of("", texts, [0.5, 0.5, 0.1])["rerank_at_k"] == 0.0  # tie 0.5-0.5: the earlier sample, 0
     assert values_of("", ["none", "#### 6"], [0.9, 0.1])["rerank_at_k"] == 0.0  # the pick has no answer: no credit
     assert "rerank_at_k" not in values_of("", texts)  # no scores, no rerank@K
+    # rerank_gain: rerank@K minus the fraction of samples correct (1 of 3): 1 - 1/3 when the pick is right
+    assert values_of("", texts, [0.2, 0.9, 0.5])["rerank_gain"] == pytest.approx(2 / 3)
+    assert values_of("", texts, [0.9, 0.1, 0.5])["rerank_gain"] == pytest.approx(-1 / 3)
 
 
 def test_mean_completion_tokens_counts_the_samples_tokens_not_the_greedy_ones():
@@ -203,7 +207,11 @@ def test_evaluate_on_the_tiny_model_reports_the_pure_functions_values_of_its_rec
                                                 [s["score"] for s in record["samples"]])  # fmt: skip
         assert record == expected_record
         per_problem.append(values)
+    within = {k: metrics.pop(k) for k in ("eval/orm_within_auc", "eval/orm_within_pairs") if k in metrics}
     assert metrics == summarize(per_problem, metric_names(eval_cfg.k, reranked=True))
+    groups = [([s["score"] for s in r["samples"]], [s["correct"] for s in r["samples"]]) for r in result.records]
+    auc, pairs = within_question_auc(groups)
+    assert within == ({"eval/orm_within_auc": auc, "eval/orm_within_pairs": pairs} if pairs else {})
     assert len({s["text"] for r in result.records for s in r["samples"]}) > eval_cfg.k  # samples drawn, not greedy
 
     # The greedy completion is the temperature-0 one, with the evaluation's stop strings.

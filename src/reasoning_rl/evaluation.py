@@ -17,7 +17,7 @@ from typing import Protocol
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from reasoning_rl.config import EvalConfig
-from reasoning_rl.metrics import majority_vote, mean, pass_at_k, pass_at_k_ladder, rerank_pick
+from reasoning_rl.metrics import majority_vote, mean, pass_at_k, pass_at_k_ladder, rerank_pick, within_question_auc
 from reasoning_rl.prompts import STOP_STRINGS
 from reasoning_rl.rollout import Sample, SamplingParams, generate
 from reasoning_rl.tasks import Problem, answers_match, canonical_answer, extract_answer
@@ -48,7 +48,7 @@ def metric_names(k: int, *, reranked: bool) -> list[str]:
     """The per-problem metrics :func:`score_problem` returns for K = ``k`` samples (``rerank_at_k`` with scores)."""
     names = ["maj_at_1", "maj_at_k", "pass_at_k", "sample_accuracy"]
     names += [f"pass_at_{j}_unbiased" for j in pass_at_k_ladder(k)]
-    return [*names, *(["rerank_at_k"] if reranked else []), "mean_completion_tokens"]
+    return [*names, *(["rerank_at_k", "rerank_gain"] if reranked else []), "mean_completion_tokens"]
 
 
 def score_problem(
@@ -59,7 +59,8 @@ def score_problem(
 
     maj@1 grades the greedy answer; maj@K the majority vote over the samples' answers (samples without one do not
     vote); pass@K is whether any sample is correct; ``pass_at_{j}_unbiased`` the estimator of pass@j from the
-    K samples' correct count (Chen et al. 2021); rerank@K grades the answer of the highest-scored sample;
+    K samples' correct count (Chen et al. 2021); rerank@K grades the answer of the highest-scored sample, and
+    rerank_gain is that minus sample_accuracy (what a random pick among the K gets: the reranker's own worth);
     sample_accuracy is the fraction of correct samples; mean_completion_tokens their mean length in tokens.
     """
     greedy_answer = voted_answer(greedy_text)
@@ -90,6 +91,7 @@ def score_problem(
     if scores is not None:
         picked = rerank_pick(sample_answers, scores)
         values["rerank_at_k"] = float(answers_match(picked, problem.answer))
+        values["rerank_gain"] = values["rerank_at_k"] - values["sample_accuracy"]
         record["rerank_answer"] = picked
         for sample, score in zip(record["samples"], scores, strict=True):
             sample["score"] = score
@@ -151,6 +153,10 @@ def evaluate(
         per_problem.append(values)
         records.append(record)
     metrics = summarize(per_problem, metric_names(cfg.k, reranked=scores is not None))
+    if scores is not None:  # the ranking reranking needs: a question's correct samples above its wrong ones
+        groups = [(group, [s["correct"] for s in r["samples"]]) for group, r in zip(scores, records, strict=True)]
+        auc, pairs = within_question_auc(groups)
+        metrics.update({"eval/orm_within_auc": auc, "eval/orm_within_pairs": float(pairs)} if pairs else {})
     return EvalResult(metrics, records)
 
 
