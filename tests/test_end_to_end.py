@@ -263,8 +263,8 @@ def test_rcrl_and_orm_rcrl_label_with_the_same_ground_truth_ei_policy(runs, tmp_
         samples = client.download_artifacts(run.info.run_id, "eval/samples.jsonl", str(tmp_path / reward))
         assert "[GOOD]" not in Path(samples).read_text()  # goal tokens are special: dropped from decoded samples
     sparse, orm = by_reward["sparse"], by_reward["orm"]
-    assert sparse.data.metrics["train/rcrl_rollouts"] > 0 and "eval/rerank_at_k" in sparse.data.metrics
-    assert orm.data.metrics["train/rcrl_rollouts"] == 0  # the ORM labels the steps: no rollouts
+    assert sparse.data.metrics["train/rcrl_rollouts"] > 0 and "eval/rerank_at_k" not in sparse.data.metrics
+    assert orm.data.metrics["train/rcrl_rollouts"] == 0 and "eval/rerank_at_k" in orm.data.metrics  # ORM labels
     assert orm.data.tags["stage/orm"].startswith("reused")
     computed, reused = sparse.data.tags["stage/ei_policy"].split(), orm.data.tags["stage/ei_policy"].split()
     assert computed[0] == "computed" and reused == ["reused", computed[1]]  # one labelling policy for both

@@ -4,6 +4,7 @@ through the real CLI at the tiny scale: sparse PPO beats its SFT init; dense and
 from __future__ import annotations
 
 import copy
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -154,6 +155,15 @@ def test_the_critic_warm_up_fits_the_value_head_and_leaves_the_policy_alone(mode
     )
     for before, after in zip(model.parameters(), policy.parameters(), strict=True):
         assert torch.equal(before, after)
+
+
+def test_the_critic_warm_up_of_a_never_rewarded_policy_fits_zero(model, tokenizer):
+    """Returns that do not vary (no sample ever correct, the KL 0 at the first step): the fit is the zero head and
+    its explained variance NaN, which the run logs rather than stopping on (a NaN loss stops it)."""
+    batch, value_head = hand_made_batch(model, tokenizer)
+    batch["returns"] = torch.zeros_like(batch["returns"])
+    assert math.isnan(fit_value_head(copy.deepcopy(model), value_head, batch, 2, ridge=1e-3))
+    assert value_head.weight.abs().max() < 1e-6 and abs(float(value_head.bias)) < 1e-6
 
 
 def evaluate_values(model, value_head, batch):

@@ -461,9 +461,11 @@ def run(ctx: RunContext) -> EvalResult:
 
         # 6. PPO epochs of clipped minibatch updates; during the critic warm-up, a least-squares fit of the value
         #    head instead (the policy is not updated)
-        if step <= cfg.critic_warmup_steps:
-            stats = {"critic_warmup_explained_variance": fit_value_head(model, value_head, batch, micro_batch_size,
-                                                                          cfg.critic_warmup_ridge)}  # fmt: skip
+        stats, fit = {}, {}
+        if step <= cfg.critic_warmup_steps:  # the fit's explained variance is NaN when the returns do not vary (a
+            # policy that never gets a reward), which is no reason to stop: it is logged, not checked
+            explained = fit_value_head(model, value_head, batch, micro_batch_size, cfg.critic_warmup_ridge)
+            fit = {"train/ppo_critic_warmup_explained_variance": explained}
         else:
             stats = ppo_update(
                 model,
@@ -492,6 +494,7 @@ def run(ctx: RunContext) -> EvalResult:
             "train/ppo_response_length": float(mask.sum(1).mean()),
             "train/ppo_samples_drawn": samples_drawn,
             **{f"train/ppo_{name}": value for name, value in stats.items()},
+            **fit,
             "perf/ppo_sample_seconds": sampled - started,
             "perf/ppo_step_seconds": time.perf_counter() - started,
         }
