@@ -248,10 +248,10 @@ def history(client, run, name: str) -> dict[int, float]:
 
 PER_STEP_METRICS = [
     "train/ppo_reward_mean", "train/ppo_fraction_correct", "train/ppo_kl", "train/ppo_entropy",
-    "train/ppo_value_loss", "train/ppo_explained_variance", "train/ppo_response_length", "train/ppo_samples_drawn",
-    "perf/ppo_step_seconds",
+    "train/ppo_explained_variance", "train/ppo_response_length", "train/ppo_samples_drawn", "perf/ppo_step_seconds",
 ]  # fmt: skip
-POLICY_METRICS = ["train/ppo_policy_loss", "train/ppo_clip_fraction", "train/ppo_approx_kl"]  # after the warm-up
+# the update's metrics, from the first step after the critic warm-up; the warm-up logs its fit instead
+POLICY_METRICS = ["train/ppo_policy_loss", "train/ppo_value_loss", "train/ppo_clip_fraction", "train/ppo_approx_kl"]
 
 
 @pytest.fixture(scope="module")
@@ -284,8 +284,9 @@ def test_sparse_ppo_raises_training_reward_and_maj1_over_its_sft_init(tmp_path, 
     assert trained_explained > 0, "the value head explains none of the returns' variance: the critic does not learn"
     for name in PER_STEP_METRICS:  # every step logs every metric
         assert sorted(history(client, run, name)) == list(range(1, PPO_STEPS + 1)), name
-    for name in POLICY_METRICS:  # the first step trains the value head alone
+    for name in POLICY_METRICS:  # the first step only fits the value head
         assert sorted(history(client, run, name)) == list(range(2, PPO_STEPS + 1)), name
+    assert sorted(history(client, run, "train/ppo_critic_warmup_explained_variance")) == [1]
     assert history(client, run, "train/ppo_samples_drawn")[PPO_STEPS] == PPO_STEPS * QUESTIONS * 4
 
 
@@ -305,6 +306,8 @@ def test_dense_and_orm_rewards_run_to_the_end_and_log(tmp_path, cache):
     for reward, run in by_reward.items():
         for name in PER_STEP_METRICS:
             assert sorted(history(client, run, name)) == [1, 2], (reward, name)
+        for name in POLICY_METRICS:  # step 1 is the critic warm-up
+            assert sorted(history(client, run, name)) == [2], (reward, name)
         assert sorted(history(client, run, "eval/maj_at_1")) == [0, 1, 2]
         assert 0 <= run.data.metrics["train/ppo_fraction_correct"] <= 1
     # dense rewards the matched steps on top of the correct answers; an ORM score is a probability, and orm_dense's
