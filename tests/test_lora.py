@@ -22,7 +22,14 @@ from reasoning_rl.algos.sft import (
     tokenize_examples,
 )
 from reasoning_rl.config import ConfigError, ModelConfig, ModelSource, PPOConfig
-from reasoning_rl.lora import TARGET_MODULES, LoraParams, adapters_disabled, attach_adapters, merge_adapters
+from reasoning_rl.lora import (
+    TARGET_MODULES,
+    LoraParams,
+    adapters_disabled,
+    attach_adapters,
+    merge_adapters,
+    merged_weights,
+)
 from reasoning_rl.models import build_tiny_model, build_tiny_tokenizer
 from reasoning_rl.rewards import sparse_rewards
 from reasoning_rl.rollout import Sample, SamplingParams, generate
@@ -74,6 +81,19 @@ def test_finetune_with_lora_trains_the_projections_only_and_hands_on_a_plain_mod
             assert not torch.equal(weight, before[name]), f"{name} did not move"
         else:  # embeddings (tied to lm_head) and norms stay frozen
             torch.testing.assert_close(weight, before[name], rtol=0, atol=0, msg=name)
+
+
+def test_merged_weights_lists_the_plain_models_weights_with_the_adapters_folded_in():
+    """What a weight push gives vLLM: loaded into a plain model, they compute what the adapted model computes."""
+    tok = build_tiny_tokenizer()
+    model = build_tiny_model(TINY, len(tok), seed=0).eval()
+    plain = build_tiny_model(TINY, len(tok), seed=1).eval()
+    perturbed_adapters(model)
+    weights = dict(merged_weights(model))
+    assert set(weights) == {name for name, _ in plain.named_parameters()}
+    plain.load_state_dict(weights, strict=False)  # lm_head.weight is tied to the embeddings: listed once
+    ids = torch.tensor([tok("Q: 12+30\n#### 42")["input_ids"]])
+    torch.testing.assert_close(plain(input_ids=ids).logits, model(input_ids=ids).logits, rtol=1e-4, atol=1e-4)
 
 
 def test_merged_weights_compute_what_the_adapted_model_computed():
@@ -148,7 +168,8 @@ def test_ppo_reference_is_the_policy_with_its_adapters_off_and_updates_train_the
     frozen_copy = copy.deepcopy(policy)  # what PPO's reference is without LoRA
     perturbed_adapters(policy)
     prompts = ["Q: 1+2\nA:\n", "Q: 10+20\nA:\n", "Q:\n"]
-    samples = [Sample(tokenizer(c, add_special_tokens=False)["input_ids"], c, [], "eos") for c in ("3", "#### 30", "5")]
+    token_ids = [tokenizer(c, add_special_tokens=False)["input_ids"] for c in ("3", "#### 30", "5")]
+    samples = [Sample(ids, c, [0.0] * len(ids), "eos") for ids, c in zip(token_ids, ("3", "#### 30", "5"), strict=True)]
     scores = [sparse_rewards(len(s.token_ids), i != 1, 1.0) for i, s in enumerate(samples)]
     with_copy, adapters_off = (pack_rollouts(tokenizer, prompts, samples, scores) for _ in range(2))
     value_head = new_value_head(policy)

@@ -61,8 +61,9 @@ def hand_made_batch(model, tokenizer, micro_batch_size: int = 2):
     prompts = ["Q: 1+2\nA:\n", "Q: 10+20\nA:\n", "Q:\n", "Q: 7*1 and more\nA:\n"]
     completions = ["1+2=3\n#### 3", "#### 30", "5", "7*1=7\n#### 7"]
     samples = [
-        Sample(tokenizer(c, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id], c, [], "eos")
+        Sample(ids, c, [0.0] * len(ids), "eos")
         for c in completions
+        for ids in [tokenizer(c, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]]
     ]
     scores = [sparse_rewards(len(s.token_ids), i % 2 == 0, 1.0) for i, s in enumerate(samples)]
     batch = pack_rollouts(tokenizer, prompts, samples, scores)
@@ -70,6 +71,7 @@ def hand_made_batch(model, tokenizer, micro_batch_size: int = 2):
     value_head = new_value_head(model)
     torch.nn.init.normal_(value_head.weight, std=0.1)  # non-zero values, so the value loss has a gradient
     evaluate_rollouts(model, value_head, copy.deepcopy(model), batch, micro_batch_size)
+    batch["sampler_logprobs"] = batch["old_logprobs"].clone()  # as if the trainer had sampled them itself
     advantages, batch["returns"] = gae(batch["scores"], batch["old_values"], batch["mask"], gamma=1.0, lam=0.95)
     batch["advantages"] = masked_whiten(advantages, batch["mask"])
     return batch, value_head
@@ -130,6 +132,22 @@ def test_rollout_logprobs_match_the_sampler(model, tokenizer):
     assert min(batch["old_logprobs"][batch["mask"] > 0].tolist()) < -1  # the model is far from deterministic
     torch.testing.assert_close(batch["ref_logprobs"], batch["old_logprobs"])  # the reference is the same model here
     assert (batch["entropy"][batch["mask"] > 0] > 0).all()
+
+
+@pytest.mark.parametrize(("engine_offset", "tis_cap", "factor"), [(math.log(2), 3.0, 0.5), (-math.log(10), 3.0, 3.0),
+                                                               (math.log(2), None, 1.0)])  # fmt: skip
+def test_truncated_importance_sampling_weights_each_tokens_policy_loss(
+    model, tokenizer, engine_offset, tis_cap, factor
+):
+    """An engine that gave every sampled token log-prob old + offset: each token's policy gradient is scaled by
+    min(exp(-offset), tis_cap) (0.5; 10 capped at 3), and by 1 with the correction off."""
+    batch, value_head = hand_made_batch(model, tokenizer)
+    batch["advantages"] = torch.ones_like(batch["advantages"]) * batch["mask"]  # a loss whose mean is not 0
+    on_policy = accumulate_gradients(copy.deepcopy(model), value_head, batch, 4, PPOConfig(tis_cap=tis_cap))
+    batch["sampler_logprobs"] = (batch["old_logprobs"] + engine_offset) * batch["mask"]
+    off_policy = accumulate_gradients(copy.deepcopy(model), value_head, batch, 4, PPOConfig(tis_cap=tis_cap))
+    assert off_policy["policy_loss"] == pytest.approx(factor * on_policy["policy_loss"], rel=1e-5)
+    assert off_policy["value_loss"] == pytest.approx(on_policy["value_loss"], rel=1e-6)  # the critic is not weighted
 
 
 def test_the_first_minibatch_is_on_policy(model, tokenizer):

@@ -22,6 +22,7 @@ from reasoning_rl.algos.ppo_math import (
     ridge_normal_equations,
     solve_ridge,
     token_logprobs,
+    truncated_importance_weights,
 )
 from reasoning_rl.config import KLEstimator
 
@@ -192,3 +193,10 @@ def test_least_squares_value_fit_by_hand():
     # [[9, 3], [3, 3]] (w, b) = (13, 9) -> w = (13 - 9) / 6 = 2/3, b = 3 - 2/3 = 7/3
     weight, bias = solve_ridge(xtx, xty, ridge=1.0)
     assert weight.tolist() == pytest.approx([2 / 3]) and bias == pytest.approx(7 / 3)
+
+
+def test_truncated_importance_weights_are_the_capped_probability_ratio():
+    trainer = torch.tensor([[-1.0, -2.0, -0.5]])
+    sampler = torch.tensor([[-1.0, -1.0, -3.0]])  # equal; the engine more sure; the engine less sure (ratio e^2.5)
+    weights = truncated_importance_weights(trainer, sampler, cap=3.0)
+    torch.testing.assert_close(weights, torch.tensor([[1.0, math.exp(-1.0), 3.0]]))

@@ -68,6 +68,11 @@ class KLEstimator(str, Enum):
     k3 = "k3"  # (r - 1) - log r with r = q(x) / p(x): unbiased, never negative, lower variance when p and q are close
 
 
+class RolloutName(str, Enum):
+    native = "native"  # our sampler (reasoning_rl/rollout.py): the reference, and the faster one at the tiny scale
+    vllm = "vllm"  # vLLM, in this process (reasoning_rl/rollout_vllm.py): the engine other RL frameworks use
+
+
 class LoggerName(str, Enum):
     mlflow = "mlflow"
     none = "none"
@@ -360,6 +365,9 @@ class PPOConfig(AlgoConfig):
     value_clip: float = 0.2  # how far a value prediction may move from the rollout's before its loss is clipped
     whiten_rewards: bool = False  # divide the task rewards by their batch std (no mean shift) before the KL penalty
     whiten_advantages: bool = True  # normalise advantages to mean 0, std 1 over the rollout batch
+    tis_cap: float | None = 3.0  # truncated importance sampling: each token's policy loss is weighted by
+    #   min(pi_trainer / pi_sampler, tis_cap), correcting for the rollout engine's numerics (vLLM's log-probs are
+    #   not the trainer's); TRL's default. null = off. With rollout=native the weights are 1 to ~1e-6
     orm_add_correct: bool = False  # reward=orm|orm_dense: also give reward.correct_reward for a correct final answer
     eval_every: int = 0  # evaluate every this many steps (0 = only after the last step)
     eval_init: bool = True  # also evaluate the initial policy (step 0)
@@ -380,6 +388,10 @@ class PPOConfig(AlgoConfig):
             raise ConfigError(f"algo.gamma={self.gamma} and algo.lam={self.lam} must be in [0, 1].")
         if self.clip_coef <= 0 or self.value_clip <= 0 or self.kl_coef < 0:
             raise ConfigError("algo.clip_coef and algo.value_clip must be > 0, algo.kl_coef >= 0.")
+        if self.tis_cap is not None and self.tis_cap < 1:
+            raise ConfigError(
+                f"algo.tis_cap={self.tis_cap} must be >= 1 (a cap below 1 down-weights every token), or null for off."
+            )
         if self.adaptive_kl and (self.kl_target <= 0 or self.kl_horizon < 1):
             raise ConfigError("algo.adaptive_kl needs algo.kl_target > 0 and algo.kl_horizon >= 1.")
 
@@ -414,6 +426,30 @@ class EvalConfig:
             raise ConfigError(f"eval.k={self.k}: need at least one sample per problem.")
         if self.temperature < 0 or not 0 < self.top_p <= 1:
             raise ConfigError("eval.temperature must be >= 0 and eval.top_p in (0, 1].")
+
+
+# -------------------------------------------------------------------------------------------- rollout
+
+
+@dataclass
+class RolloutConfig:
+    """Which engine samples every rollout, exploration sample and evaluation sample of a run (``rollout=``)."""
+
+    name: RolloutName = MISSING
+    # vllm only:
+    kv_cache_gib: float = 4.0  # CPU: GiB of KV cache; it must hold one sequence of the model's full context
+    gpu_memory_utilization: float = 0.3  # CUDA: the share of the GPU's memory vLLM takes (weights + KV cache); the
+    #   trainer shares the GPU with it
+    max_num_seqs: int = 256  # sequences the engine decodes together at most
+    enforce_eager: bool = False  # true: no torch.compile of the model (the engine starts in seconds instead of
+    #   compiling for 1-3 minutes the first time, kept under cache_dir/vllm; it decodes more slowly)
+
+    def __post_init__(self) -> None:
+        if self.kv_cache_gib <= 0 or not 0 < self.gpu_memory_utilization < 1 or self.max_num_seqs < 1:
+            raise ConfigError(
+                f"rollout.kv_cache_gib={self.kv_cache_gib} must be > 0, rollout.gpu_memory_utilization="
+                f"{self.gpu_memory_utilization} in (0, 1) and rollout.max_num_seqs={self.max_num_seqs} >= 1."
+            )
 
 
 # ------------------------------------------------------------------------------------------------ orm
@@ -471,6 +507,7 @@ class ExperimentConfig:
     model: ModelConfig = MISSING
     task: TaskConfig = MISSING
     logger: LoggerConfig = MISSING
+    rollout: RolloutConfig = field(default_factory=lambda: RolloutConfig(name=RolloutName.native))
     eval: EvalConfig = field(default_factory=EvalConfig)
     orm: ORMConfig = field(default_factory=ORMConfig)
     seed: int = 0  # every random choice (sampling, init of the tiny model, data order) derives from it
@@ -568,6 +605,7 @@ def register_configs() -> None:
             "gsm_symbolic": GSMSymbolicTaskConfig(),
             "arith": ArithTaskConfig(),
         },
+        "rollout": {"native": RolloutConfig(name=RolloutName.native), "vllm": RolloutConfig(name=RolloutName.vllm)},
         "logger": {"mlflow": LoggerConfig(name=LoggerName.mlflow), "none": LoggerConfig(name=LoggerName.none)},
     }
     for group, nodes in options.items():

@@ -19,7 +19,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from reasoning_rl.config import EvalConfig
 from reasoning_rl.metrics import majority_vote, mean, pass_at_k, pass_at_k_ladder, rerank_pick, within_question_auc
 from reasoning_rl.prompts import STOP_STRINGS
-from reasoning_rl.rollout import Sample, SamplingParams, generate
+from reasoning_rl.rollout import Sample, Sampler, SamplingParams, generate
 from reasoning_rl.tasks import Problem, answers_match, canonical_answer, extract_answer
 
 
@@ -120,9 +120,10 @@ def evaluate(
     orm_prompt: Callable[[str], str] | None = None,
     banned_token_ids: tuple[int, ...] = (),
     progress: bool = True,
+    sampler: Sampler = generate,
 ) -> EvalResult:
     prompts = [build_prompt(p.question) for p in problems]
-    greedy = generate(
+    greedy = sampler(
         model,
         tokenizer,
         prompts,
@@ -132,7 +133,7 @@ def evaluate(
         batch_size=batch_size,
         progress="eval greedy" if progress else None,
     )
-    sampled = generate(
+    sampled = sampler(
         model,
         tokenizer,
         prompts,

@@ -25,10 +25,18 @@ import torch
 from reasoning_rl.algos import ei, orm, ppo, rcrl
 from reasoning_rl.algos.sft import finetune
 from reasoning_rl.checkpointing import Checkpointer, checkpoint_bytes
-from reasoning_rl.config import ExperimentConfig, GSM8KTaskConfig, InitName, ModelSource, SVAMPTaskConfig
+from reasoning_rl.config import (
+    ExperimentConfig,
+    GSM8KTaskConfig,
+    InitName,
+    ModelSource,
+    RolloutName,
+    SVAMPTaskConfig,
+)
 from reasoning_rl.evaluation import EvalResult, write_records
 from reasoning_rl.models import TORCH_DTYPES, load_checkpoint, load_policy, resolve_device, save_checkpoint
 from reasoning_rl.prompts import build_prompt, pick_exemplars
+from reasoning_rl.rollout import Sampler, generate
 from reasoning_rl.run_context import RunContext, evaluate_policy, finetune_params, training_questions
 from reasoning_rl.stages import cached_stage, init_stage_inputs, progress_dir
 from reasoning_rl.tasks import load_task
@@ -158,6 +166,29 @@ def run_experiment(
     if checkpoints is not None:  # a full disk fails now, not at the first checkpoint
         checkpoints.check_space(checkpoint_bytes(model, cfg.algo.name))
     ctx = RunContext(cfg, model, tokenizer, splits, build_prompt, tracker, output_dir, device, checkpoints=checkpoints)
+    ctx.sampler = make_sampler(cfg, device)
+    try:
+        return run_pipeline(ctx)
+    finally:
+        close = getattr(ctx.sampler, "close", None)
+        if close is not None:
+            close()
+
+
+def make_sampler(cfg: ExperimentConfig, device: torch.device) -> Sampler:
+    """The run's rollout engine: our sampler, or one vLLM engine for the whole job (built at its first use)."""
+    if cfg.rollout.name == RolloutName.native:
+        return generate
+    from reasoning_rl.rollout_vllm import VLLMSampler, import_vllm  # vLLM is imported by rollout=vllm runs only
+
+    import_vllm()  # not installed: say so now, before any training
+    return VLLMSampler(cfg.rollout, dtype=cfg.model.dtype, max_seq_len=cfg.model.max_seq_len,
+                       cache_dir=Path(cfg.cache_dir), device=device, seed=cfg.seed)  # fmt: skip
+
+
+def run_pipeline(ctx: RunContext) -> dict[str, float]:
+    """Steps 3-5 of the module docstring."""
+    cfg, splits, tracker, output_dir = ctx.cfg, ctx.splits, ctx.tracker, ctx.output_dir
 
     # 3. init, and the ORM when the reward or the reranking needs one
     ctx.build_prompt = apply_init(ctx)

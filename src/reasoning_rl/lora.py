@@ -75,6 +75,27 @@ def merge_adapters(model: torch.nn.Module) -> None:
     lm.requires_grad_(True)
 
 
+def merged_weights(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    """The language model's weights by their plain names, as :func:`merge_adapters` would leave them, without
+    changing ``model``: an adapted weight is ``W + alpha / r * B A``; adapters themselves are not listed. What a
+    sampler outside the trainer (vLLM) is given while the adapters train."""
+    from peft.tuners.lora import LoraLayer
+
+    lm = language_model(model)
+    adapted = {name: module for name, module in lm.named_modules() if isinstance(module, LoraLayer)}
+    for name, weight in lm.named_parameters():  # a tied weight is listed once
+        module_name, _, leaf = name.rpartition(".")
+        if ".lora_" in name:
+            continue
+        owner = module_name.removesuffix(".base_layer")
+        if owner in adapted and module_name.endswith(".base_layer"):
+            layer = adapted[owner]
+            if leaf == "weight" and not layer.merged and not layer.disable_adapters:
+                weight = weight + sum(layer.get_delta_weight(a) for a in layer.active_adapters)
+            name = f"{owner}.{leaf}"
+        yield name, weight
+
+
 @contextmanager
 def adapters_disabled(model: torch.nn.Module) -> Iterator[None]:
     """Within the block ``model`` computes without its adapters: the weights as they were when they were attached."""

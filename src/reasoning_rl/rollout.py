@@ -33,6 +33,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 from tqdm.auto import tqdm
@@ -63,6 +64,24 @@ class Sample:
     text: str  # decoded completion, cut before the stop string; no EOS text (special tokens are skipped)
     logprobs: list[float]  # per generated token: log-prob under the untempered log_softmax(logits)
     finish_reason: str  # "eos" | "stop" | "length"
+
+
+class Sampler(Protocol):
+    """What every sampling engine is: :func:`generate` (``rollout=native``) or a
+    :class:`~reasoning_rl.rollout_vllm.VLLMSampler` (``rollout=vllm``). Algorithms call ``ctx.sampler``."""
+
+    def __call__(
+        self,
+        model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        prompts: Sequence[str],
+        params: SamplingParams,
+        *,
+        num_samples: int = 1,
+        seed: int = 0,
+        batch_size: int = 32,
+        progress: str | None = None,
+    ) -> list[list[Sample]]: ...
 
 
 # Narrower models take the plain path by default: their operations are so small that Python overhead decides, and

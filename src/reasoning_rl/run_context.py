@@ -14,6 +14,7 @@ from reasoning_rl.algos.sft import FinetuneParams
 from reasoning_rl.config import ConfigError, ExperimentConfig, ModelConfig, RewardName
 from reasoning_rl.evaluation import EvalResult, evaluate, write_records
 from reasoning_rl.lora import LoraParams
+from reasoning_rl.rollout import Sampler, generate
 from reasoning_rl.tasks import Problem, TaskSplits
 from reasoning_rl.tracking import Tracker
 
@@ -39,6 +40,8 @@ class RunContext:
     orm_prompt: Callable[[str], str] | None = None  # the prompt the ORM scores with; None = build_prompt (RCRL's
     # policy prompt ends in a goal token the ORM never saw)
     checkpoints: Checkpointer | None = None  # saves and restores the algorithm's state (EI, PPO); None = never
+    sampler: Sampler = generate  # the rollout engine (rollout=native: ours; rollout=vllm: a VLLMSampler); every
+    #   sample of the run is drawn through it
     orm_question_ids: frozenset[str] = frozenset()  # the training questions the ORM learnt from (orm.disjoint:
     #   ORM-guided training leaves them out, see training_questions)
 
@@ -73,6 +76,7 @@ def evaluate_policy(ctx: RunContext, *, step: int | None = None, progress: bool 
         orm_prompt=ctx.orm_prompt,
         banned_token_ids=ctx.banned_token_ids,
         progress=progress,
+        sampler=ctx.sampler,
     )
     ctx.tracker.log_metrics(result.metrics, step=step)
     if step is not None and ctx.cfg.eval.save_samples:  # every point of a curve keeps its samples, for paired

@@ -38,9 +38,9 @@ from reasoning_rl.evaluation import EvalResult
 from reasoning_rl.metrics import mean
 from reasoning_rl.models import TORCH_DTYPES, load_checkpoint, save_checkpoint
 from reasoning_rl.prompts import STOP_STRINGS
-from reasoning_rl.rollout import Sample, SamplingParams, generate
+from reasoning_rl.rollout import Sample, SamplingParams
 from reasoning_rl.run_context import RunContext, evaluate_policy, finetune_params, training_questions
-from reasoning_rl.stages import cached_stage, init_stage_inputs, plain
+from reasoning_rl.stages import cached_stage, init_stage_inputs, plain, sampler_stage_inputs
 from reasoning_rl.tasks import Problem, is_correct, operation_signature
 from reasoning_rl.tasks.answers import canonical_answer, extract_answer, format_number, intermediate_results
 
@@ -142,6 +142,7 @@ def ei_policy_inputs(run_cfg: ExperimentConfig, cfg: EIConfig, train: Sequence[P
     return {
         **init_stage_inputs(run_cfg, train),
         "sample_batch_size": run_cfg.model.sample_batch_size,
+        **sampler_stage_inputs(run_cfg),
         "reward": RewardConfig(name=RewardName.sparse),
         "ei": {k: v for k, v in plain(cfg).items() if k != "eval_init"},
     }
@@ -196,7 +197,7 @@ def expert_iteration(
         # 1. sample K solutions per training question from pi_{i-1}
         questions = round_questions(pool, cfg.n_questions, seed + round_index)
         prompts = [ctx.build_prompt(p.question) for p in questions]
-        samples = generate(
+        samples = ctx.sampler(
             ctx.model,
             ctx.tokenizer,
             prompts,

@@ -38,9 +38,9 @@ from reasoning_rl.metrics import mean, roc_auc, within_question_auc
 from reasoning_rl.models import TORCH_DTYPES, load_checkpoint, save_checkpoint
 from reasoning_rl.packing import forward_kwargs
 from reasoning_rl.prompts import STOP_STRINGS
-from reasoning_rl.rollout import SamplingParams, generate
+from reasoning_rl.rollout import SamplingParams
 from reasoning_rl.run_context import RunContext, finetune_params
-from reasoning_rl.stages import cached_stage, init_stage_inputs, progress_dir
+from reasoning_rl.stages import cached_stage, init_stage_inputs, progress_dir, sampler_stage_inputs
 from reasoning_rl.tasks import Problem, is_correct, step_prefixes
 
 log = logging.getLogger(__name__)
@@ -200,7 +200,7 @@ def load_or_train(ctx: RunContext) -> OutcomeRewardModel:
     def sample_and_grade(directory: Path) -> None:
         questions = orm_questions(ctx.splits.train, orm_cfg.n_questions, orm_cfg.disjoint, cfg.seed)
         prompts = [ctx.build_prompt(p.question) for p in questions]
-        samples = generate(
+        samples = ctx.sampler(
             ctx.model,
             ctx.tokenizer,
             prompts,
@@ -219,7 +219,7 @@ def load_or_train(ctx: RunContext) -> OutcomeRewardModel:
     sampling_inputs = {
         k: getattr(orm_cfg, k)
         for k in ("num_samples", "n_questions", "disjoint", "temperature", "top_p", "max_new_tokens")
-    }
+    } | sampler_stage_inputs(cfg)
     samples_stage = cached_stage(
         cache_dir,
         "orm_samples",

@@ -64,6 +64,7 @@ from reasoning_rl.algos.ppo_math import (
     ridge_normal_equations,
     solve_ridge,
     token_logprobs,
+    truncated_importance_weights,
 )
 from reasoning_rl.algos.sft import TokenizedExample, collate
 from reasoning_rl.config import KLEstimator, PPOConfig, RewardName
@@ -78,7 +79,7 @@ from reasoning_rl.rewards import (
     sparse_rewards,
     token_char_ends,
 )
-from reasoning_rl.rollout import Sample, SamplingParams, generate
+from reasoning_rl.rollout import Sample, SamplingParams
 from reasoning_rl.run_context import RunContext, evaluate_policy, lora_params, training_questions
 from reasoning_rl.tasks import Problem, is_correct
 
@@ -134,9 +135,11 @@ def pack_rollouts(
     batch["response_ids"] = torch.zeros(len(samples), num_positions, dtype=torch.long)  # (N, T)
     batch["mask"] = torch.zeros(len(samples), num_positions)  # (N, T)
     batch["scores"] = torch.zeros(len(samples), num_positions)  # (N, T)
+    batch["sampler_logprobs"] = torch.zeros(len(samples), num_positions)  # (N, T): the rollout engine's own
     for row, (sample, score) in enumerate(zip(samples, scores, strict=True)):
         n = len(sample.token_ids)
         batch["response_ids"][row, :n] = torch.tensor(sample.token_ids)
+        batch["sampler_logprobs"][row, :n] = torch.tensor(sample.logprobs)
         batch["mask"][row, :n] = 1.0
         batch["scores"][row, :n] = score
     return batch
@@ -258,6 +261,25 @@ def evaluate_rollouts(
         batch[key] *= batch["mask"]
 
 
+def rollout_logprob_gap(batch: Batch, tis_cap: float | None) -> dict[str, float]:
+    """How far the rollout engine's log-probs of the sampled tokens are from the trainer's (``old_logprobs``):
+    mean and max of |difference| over the batch's tokens, and the mean truncated importance weight. The gap is
+    ~1e-6 for our sampler (the same model in other batches); vLLM's own kernels, or another dtype, widen it."""
+    mask = batch["mask"].bool()
+    gap = (batch["old_logprobs"] - batch["sampler_logprobs"]).abs()[mask]
+    metrics = {"rollout/logprob_gap_mean": float(gap.mean()), "rollout/logprob_gap_max": float(gap.max())}
+    if tis_cap is not None:
+        weights = truncated_importance_weights(batch["old_logprobs"], batch["sampler_logprobs"], tis_cap)
+        metrics["rollout/tis_weight_mean"] = float(weights[mask].mean())
+    return metrics
+
+
+def weight_push_metrics(ctx: RunContext) -> dict[str, float]:
+    """``perf/weight_push_seconds`` since the last call, for an engine that is pushed the policy's weights."""
+    pop = getattr(ctx.sampler, "pop_push_seconds", None)
+    return {"perf/weight_push_seconds": pop()} if pop is not None else {}
+
+
 # ------------------------------------------------------------------------------------------------ phase 6
 
 
@@ -280,6 +302,10 @@ def accumulate_gradients(
         logprobs = token_logprobs(logits, mb["response_ids"])  # (B, T)
         mask = mb["mask"]  # (B, T)
         policy_loss = clipped_policy_loss(logprobs, mb["old_logprobs"], mb["advantages"], cfg.clip_coef)  # (B, T)
+        if cfg.tis_cap is not None:  # the rollout engine's numerics differ from the trainer's: correct for it
+            policy_loss = policy_loss * truncated_importance_weights(
+                mb["old_logprobs"], mb["sampler_logprobs"], cfg.tis_cap
+            )
         value_loss = clipped_value_loss(values, mb["old_values"], mb["returns"], cfg.value_clip)  # (B, T)
         loss = ((policy_loss + cfg.vf_coef * value_loss) * mask).sum() / num_tokens
         loss.backward()
@@ -426,7 +452,7 @@ def run(ctx: RunContext) -> EvalResult:
         started = time.perf_counter()
         # 1. sample K solutions per question from the current policy
         questions = next(batches)
-        grouped = generate(
+        grouped = ctx.sampler(
             model,
             tokenizer,
             [ctx.build_prompt(p.question) for p in questions],
@@ -450,6 +476,7 @@ def run(ctx: RunContext) -> EvalResult:
 
         # 3. old log-probs, values and reference log-probs
         evaluate_rollouts(model, value_head, ref_model, batch, micro_batch_size, progress=f"PPO step {step}: score")
+        gap = rollout_logprob_gap(batch, cfg.tis_cap)
 
         # 4. KL penalty to the reference policy, at every token
         kl = kl_estimate(batch["old_logprobs"], batch["ref_logprobs"], cfg.kl_estimator) * mask  # (N, T)
@@ -495,6 +522,8 @@ def run(ctx: RunContext) -> EvalResult:
             "train/ppo_samples_drawn": samples_drawn,
             **{f"train/ppo_{name}": value for name, value in stats.items()},
             **fit,
+            **gap,
+            **weight_push_metrics(ctx),
             "perf/ppo_sample_seconds": sampled - started,
             "perf/ppo_step_seconds": time.perf_counter() - started,
         }

