@@ -190,7 +190,7 @@ def test_a_banned_bad_token_is_never_sampled_even_when_it_dominates(tiny):
         assert all(len(s.token_ids) > 0 for group in banned for s in group)
 
 
-def test_rollouts_are_graded_as_prefix_plus_completion_in_one_call(tiny, monkeypatch):
+def test_rollouts_are_graded_as_prefix_plus_completion_in_one_call(tiny):
     model, tokenizer = tiny
     # every rollout ends at once: make EOS the most likely token, so each completion is "" and a rollout is graded
     # on its prefix alone (no "####": the last number, the fallback of extract_answer)
@@ -203,7 +203,6 @@ def test_rollouts_are_graded_as_prefix_plus_completion_in_one_call(tiny, monkeyp
         calls.append(len(args[2]))  # prompts in this call
         return generate(*args, **kwargs)
 
-    monkeypatch.setattr(rcrl, "generate", counting_generate)
     correct = SampledSolution(PROBLEM, SOLUTION, True, step_prefixes(SOLUTION))
     wrong_text = "2+3=<<2+3=5>>5\n#### 7"  # shares its first step with the correct solution
     wrong = SampledSolution(PROBLEM, wrong_text, False, step_prefixes(wrong_text))
@@ -216,6 +215,7 @@ def test_rollouts_are_graded_as_prefix_plus_completion_in_one_call(tiny, monkeyp
         4,
         seed=0,
         batch_size=8,
+        sampler=counting_generate,
     )
     # non-final prefixes: "2+3=<<2+3=5>>5\n" (shared by all three) and "...5*2=<<5*2=10>>10\n": 2 distinct, K=4 each
     assert calls == [2] and drawn == 8

@@ -168,6 +168,9 @@ def run_experiment(
     ctx = RunContext(cfg, model, tokenizer, splits, build_prompt, tracker, output_dir, device, checkpoints=checkpoints)
     ctx.sampler = make_sampler(cfg, device)
     try:
+        start = getattr(ctx.sampler, "start", None)
+        if start is not None:  # an engine that cannot start (no KV cache for the context) fails before training
+            start(model, tokenizer)
         return run_pipeline(ctx)
     finally:
         close = getattr(ctx.sampler, "close", None)
@@ -176,13 +179,13 @@ def run_experiment(
 
 
 def make_sampler(cfg: ExperimentConfig, device: torch.device) -> Sampler:
-    """The run's rollout engine: our sampler, or one vLLM engine for the whole job (built at its first use)."""
+    """The run's rollout engine: our sampler, or one vLLM engine for the whole job."""
     if cfg.rollout.name == RolloutName.native:
         return generate
     from reasoning_rl.rollout_vllm import VLLMSampler, import_vllm  # vLLM is imported by rollout=vllm runs only
 
     import_vllm()  # not installed: say so now, before any training
-    return VLLMSampler(cfg.rollout, dtype=cfg.model.dtype, max_seq_len=cfg.model.max_seq_len,
+    return VLLMSampler(cfg.rollout, dtype=cfg.rollout.dtype or cfg.model.dtype, max_seq_len=cfg.model.max_seq_len,
                        cache_dir=Path(cfg.cache_dir), device=device, seed=cfg.seed)  # fmt: skip
 
 

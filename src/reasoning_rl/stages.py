@@ -85,9 +85,11 @@ def init_stage_inputs(cfg: ExperimentConfig, train: Sequence[Problem]) -> dict[s
 
 
 def sampler_stage_inputs(cfg: ExperimentConfig) -> dict[str, Any]:
-    """What a stage built from samples adds to its key: the rollout engine, when it is not our own (vLLM draws
-    other samples from the same seed). Empty for rollout=native, so those keys are what they were before."""
-    return {} if cfg.rollout.name.value == "native" else {"rollout": cfg.rollout.name}
+    """What a stage built from samples adds to its key: the rollout engine and its dtype, when it is not our own
+    (vLLM draws other samples from the same seed). Empty for rollout=native: those keys stay what they were."""
+    if cfg.rollout.name.value == "native":
+        return {}
+    return {"rollout": cfg.rollout.name, "rollout_dtype": cfg.rollout.dtype or cfg.model.dtype}
 
 
 def stage_path(cache_dir: Path, name: str, inputs: Mapping[str, Any]) -> Path:
