@@ -179,6 +179,11 @@ CASES = [
     ),
     Case("`eval.k=0`", ["eval.k=0"], ["eval.k=0: need at least one sample"]),
     Case("`eval.temperature=-1`", ["eval.temperature=-1"], ["eval.temperature must be >= 0"]),
+    Case(
+        "`rollout=vllm rollout.kv_cache_gib=0`",
+        ["rollout=vllm", "rollout.kv_cache_gib=0"],
+        ["rollout.kv_cache_gib=0.0 must be > 0"],
+    ),
     Case("`orm.num_samples=0`", ["orm.num_samples=0"], ["orm.num_samples=0 must be >= 1"]),
     Case("`orm.heldout_fraction=1`", ["orm.heldout_fraction=1"], ["orm.heldout_fraction=1.0 must be in (0, 1)"]),
     Case("`checkpoint_every=-1`", ["checkpoint_every=-1"], ["checkpoint_every=-1"]),
