@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import hashlib
 import json
 import logging
 import os
@@ -50,6 +51,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from filelock import FileLock
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
@@ -92,6 +94,30 @@ def weights_signature(model: torch.nn.Module) -> tuple[int, tuple[tuple[int, int
     """Changes whenever the model's weights may have: another model object, another parameter storage, or an
     in-place write to a parameter (each bumps its tensor's version counter)."""
     return id(model), tuple((p.data_ptr(), p._version) for p in model.parameters())
+
+
+def engine_files(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, root: Path) -> Path:
+    """The directory vLLM builds the engine from: the policy's config (naming its architecture) and tokenizer, no
+    weights. It is named by :func:`engine_signature` and kept: vLLM keys its compiled graphs on the model's path,
+    and a fresh directory per run made every run compile again (~3.5 min on a 2-core CPU)."""
+    signature = engine_signature(model, tokenizer)
+    target = root / hashlib.sha256(signature.encode()).hexdigest()[:16]
+    root.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(target) + ".lock"):  # the jobs of a sweep share one directory
+        if (target / "config.json").is_file():
+            return target
+        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=root))
+        try:
+            config = copy.deepcopy(model.config)
+            config.architectures = [type(model).__name__]  # else vLLM guesses the class from model_type
+            config.save_pretrained(staging)
+            if getattr(model, "generation_config", None) is not None:
+                model.generation_config.save_pretrained(staging)
+            tokenizer.save_pretrained(staging)
+            os.replace(staging, target)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    return target
 
 
 def engine_signature(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> str:
@@ -150,13 +176,7 @@ class VLLMSampler:
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine in this process: weights by RPC
         os.environ.setdefault("VLLM_CACHE_ROOT", str(self.cache_dir / "vllm"))  # compiled graphs kept across runs
         vllm = import_vllm()
-        self.engine_dir = Path(tempfile.mkdtemp(prefix="vllm-engine-"))
-        config = copy.deepcopy(model.config)
-        config.architectures = [type(model).__name__]  # else vLLM guesses the class from model_type
-        config.save_pretrained(self.engine_dir)
-        if getattr(model, "generation_config", None) is not None:
-            model.generation_config.save_pretrained(self.engine_dir)
-        tokenizer.save_pretrained(self.engine_dir)
+        self.engine_dir = engine_files(model, tokenizer, self.cache_dir / "vllm" / "engines")
         # the native sampler's limit, so both cut prompts alike
         self.max_model_len = getattr(model.config, "max_position_embeddings", None) or self.max_model_len
         started = time.perf_counter()
@@ -217,12 +237,10 @@ class VLLMSampler:
         return seconds
 
     def close(self) -> None:
-        """Free the engine (its KV cache and weights) and the files it was built from."""
+        """Free the engine (its KV cache and weights); the files it was built from stay for the next run."""
         self.llm = None
         self.pushed = None
-        if self.engine_dir is not None:
-            shutil.rmtree(self.engine_dir, ignore_errors=True)
-            self.engine_dir = None
+        self.engine_dir = None
 
     # ------------------------------------------------------------------------------------------- sampling
 
