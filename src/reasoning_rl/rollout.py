@@ -419,9 +419,16 @@ class _Decoder:
         return newly_done
 
     def _sample(self, token_ids: list[int], logprobs: list[float], finish_reason: str) -> Sample:
-        content = token_ids[:-1] if finish_reason == "eos" else token_ids
-        text = self.tokenizer.decode(content, skip_special_tokens=True)
-        cut = [i for i in (text.find(s) for s in self.params.stop_strings) if i >= 0]
-        if cut:  # cut before the earliest stop string
-            text = text[: min(cut)]
+        text = completion_text(self.tokenizer, token_ids, finish_reason, self.params.stop_strings)
         return Sample(token_ids=token_ids, text=text, logprobs=logprobs, finish_reason=finish_reason)
+
+
+def completion_text(
+    tokenizer: PreTrainedTokenizerBase, token_ids: list[int], finish_reason: str, stop_strings: Sequence[str]
+) -> str:
+    """A sample's text: its tokens decoded without special tokens (and without the EOS it ended with), cut before
+    the earliest stop string. Every engine's samples get their text this way."""
+    content = token_ids[:-1] if finish_reason == "eos" else token_ids
+    text = tokenizer.decode(content, skip_special_tokens=True)
+    cut = [i for i in (text.find(s) for s in stop_strings) if i >= 0]
+    return text[: min(cut)] if cut else text

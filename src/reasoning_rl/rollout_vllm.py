@@ -57,7 +57,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from reasoning_rl.config import ConfigError, DType, RolloutConfig
 from reasoning_rl.lora import merged_weights
-from reasoning_rl.rollout import Sample, SamplingParams, eos_token_ids, fit_prompts
+from reasoning_rl.rollout import Sample, SamplingParams, completion_text, eos_token_ids, fit_prompts
 
 log = logging.getLogger(__name__)
 
@@ -305,11 +305,7 @@ def to_sample(
         reason = "eos"
     else:
         reason = "stop"
-    content = token_ids[:-1] if reason == "eos" else token_ids
-    text = tokenizer.decode(content, skip_special_tokens=True)
-    cut = [i for i in (text.find(s) for s in params.stop_strings) if i >= 0]
-    if cut:
-        text = text[: min(cut)]
+    text = completion_text(tokenizer, token_ids, reason, params.stop_strings)
     return Sample(token_ids=token_ids, text=text, logprobs=logprobs, finish_reason=reason)
 
 
