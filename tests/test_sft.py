@@ -204,13 +204,18 @@ class Killed(Exception):
     """Stands in for SIGKILL inside one process: the loop stops mid-way and its in-memory state is dropped."""
 
 
-@pytest.mark.parametrize("adapters", [None, LoraParams(rank=4, alpha=8.0, dropout=0.1)], ids=["full", "lora"])
-def test_finetune_killed_mid_way_resumes_from_its_checkpoint_to_the_same_weights(tmp_path, adapters):
+@pytest.mark.parametrize(
+    ("adapters", "compute_dtype"),
+    [(None, torch.float32), (LoraParams(rank=4, alpha=8.0, dropout=0.1), torch.float32), (None, torch.bfloat16),
+     (None, torch.float16)],
+    ids=["full", "lora", "bf16", "fp16"],
+)  # fmt: skip
+def test_finetune_killed_mid_way_resumes_from_its_checkpoint_to_the_same_weights(tmp_path, adapters, compute_dtype):
     tok = build_tiny_tokenizer()
     init = build_tiny_model(TINY, len(tok), seed=0)
     examples = [("Q: 1+2\n", "1+2=3\n#### 3"), ("Q: 10+20\n", "#### 30"), ("Q:\n", "5"), ("Q: 7\n", "7*1=7\n#### 7")]
     params = FinetuneParams(lr=1e-2, epochs=6, batch_size=3, micro_batch_size=3, max_seq_len=64, seed=0,
-                            lora=adapters)  # fmt: skip
+                            lora=adapters, compute_dtype=compute_dtype)  # fmt: skip
 
     def run(checkpoints=None, kill_at_call=None):
         calls = 0

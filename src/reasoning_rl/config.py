@@ -35,6 +35,8 @@ class ModelSource(str, Enum):
 
 
 class DType(str, Enum):
+    auto = "auto"  # bfloat16 where the hardware computes in it (CUDA with bf16, a CPU with AMX or AVX512-BF16), else
+    #   float32 (reasoning_rl/precision.py)
     float32 = "float32"
     bfloat16 = "bfloat16"
     float16 = "float16"
@@ -86,7 +88,7 @@ class ModelConfig:
     name: str = MISSING  # the option's name, e.g. "tiny"; used in tags and cache keys
     source: ModelSource = MISSING  # where the weights come from (see ModelSource)
     path: str | None = None  # hub id, local directory or .gguf file, depending on `source`
-    dtype: DType = DType.float32  # weights and compute dtype
+    dtype: DType = DType.auto  # the compute dtype (autocast); trained weights and AdamW's moments stay float32
     max_seq_len: int = 512  # prompt + completion tokens the model is trained and sampled with
     lr: float = 1e-5  # peak learning rate for supervised fine-tuning (SFT, EI) at this scale
     train_batch_size: int = 8  # sequences per optimizer step (micro_batch_size x accumulation)
@@ -437,9 +439,9 @@ class RolloutConfig:
 
     name: RolloutName = MISSING
     # vllm only:
-    dtype: DType | None = None  # the engine's weights and compute; None = model.dtype. bfloat16 beside a float32
-    #   trainer samples ~2x faster on CPUs with AMX / AVX512-BF16 (emulated, far slower, on CPUs without them);
-    #   PPO's algo.tis_cap corrects the log-prob gap this opens
+    dtype: DType | None = None  # the engine's weights and compute; None = model.dtype's resolved compute dtype.
+    #   bfloat16 beside a float32 trainer samples ~2x faster on CPUs with AMX / AVX512-BF16 (emulated, far slower,
+    #   on CPUs without them); PPO's algo.tis_cap corrects the log-prob gap this opens
     kv_cache_gib: float = 4.0  # CPU: GiB of KV cache; it must hold one sequence of the model's full context
     gpu_memory_utilization: float = 0.3  # CUDA: the share of the GPU's memory vLLM takes (weights + KV cache); the
     #   trainer shares the GPU with it
@@ -564,6 +566,9 @@ def register_configs() -> None:
             "tiny": ModelConfig(
                 name="tiny",
                 source=ModelSource.tiny,
+                # float32 on every machine: the tiny tables and the learning tests' bands were measured in it, and
+                # a 128-wide model's step is Python overhead, not matmuls, so bf16 would change numbers, not speed
+                dtype=DType.float32,
                 max_seq_len=384,
                 lr=3e-3,
                 train_batch_size=16,
@@ -583,7 +588,6 @@ def register_configs() -> None:
                 name="7b",
                 source=ModelSource.hub,
                 path="meta-llama/Llama-2-7b-hf",
-                dtype=DType.bfloat16,
                 max_seq_len=1024,
                 lr=1e-5,
                 train_batch_size=128,
@@ -594,7 +598,6 @@ def register_configs() -> None:
                 name="13b",
                 source=ModelSource.hub,
                 path="meta-llama/Llama-2-13b-hf",
-                dtype=DType.bfloat16,
                 max_seq_len=1024,
                 lr=1e-5,
                 train_batch_size=128,

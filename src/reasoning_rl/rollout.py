@@ -26,10 +26,14 @@ Log-probs are those of the model's untempered distribution, ``log_softmax(logits
 top-p: that is the policy PPO optimises and the one it recomputes itself. Randomness comes from one
 ``torch.Generator`` seeded with ``seed``: the same call with the same seed (and batch size) gives the same samples.
 Prompts too long for the model's context (``max_position_embeddings``) keep their last tokens, with a warning.
+
+In a run whose compute dtype is not float32 (``model.dtype``), the native sampler is a :class:`CastSampler`: it
+samples from a copy of the policy cast to the compute dtype, made again whenever the policy's weights change.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -291,6 +295,43 @@ def generate(
     finally:
         model.train(was_training)
     return results  # type: ignore[return-value]
+
+
+def weights_signature(model: torch.nn.Module) -> tuple[int, tuple[tuple[int, int], ...]]:
+    """Changes whenever the model's weights may have: another model object, another parameter storage, or an
+    in-place write to a parameter (each bumps its tensor's version counter)."""
+    return id(model), tuple((p.data_ptr(), p._version) for p in model.parameters())
+
+
+class CastSampler:
+    """:func:`generate` from a copy of the policy in ``dtype`` (the run's bf16 or fp16 compute dtype), for a policy
+    whose float32 weights are the trainer's master copy.
+
+    Why a copy rather than autocast: the fast path's fused kernels and KV buffers take one dtype, and autocast
+    mixes float32 weights with bf16 activations (they fail on it). The copy costs half the policy's memory in bf16
+    and one cast per weight update; it is made again whenever :func:`weights_signature` changes (an optimizer step
+    writes the parameters in place, a new model object replaces them), so every call samples the current policy.
+    """
+
+    def __init__(self, dtype: torch.dtype) -> None:
+        self.dtype = dtype
+        self.copy: PreTrainedModel | None = None
+        self.signature: tuple[int, tuple[tuple[int, int], ...]] | None = None
+
+    def __call__(
+        self,
+        model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        prompts: Sequence[str],
+        params: SamplingParams,
+        **kwargs: object,
+    ) -> list[list[Sample]]:
+        signature = weights_signature(model)
+        if self.copy is None or signature != self.signature:
+            self.copy = None  # the old copy's memory is free before the new one is made
+            self.copy = copy.deepcopy(model).to(self.dtype).eval().requires_grad_(False)
+            self.signature = signature
+        return generate(self.copy, tokenizer, prompts, params, **kwargs)  # type: ignore[arg-type]
 
 
 class _Decoder:

@@ -57,7 +57,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from reasoning_rl.config import ConfigError, DType, RolloutConfig
 from reasoning_rl.lora import merged_weights
-from reasoning_rl.rollout import Sample, SamplingParams, completion_text, eos_token_ids, fit_prompts
+from reasoning_rl.rollout import Sample, SamplingParams, completion_text, eos_token_ids, fit_prompts, weights_signature
 
 log = logging.getLogger(__name__)
 
@@ -88,12 +88,6 @@ def import_vllm() -> Any:
             "or sample with our own engine: rollout=native."
         ) from error
     return vllm
-
-
-def weights_signature(model: torch.nn.Module) -> tuple[int, tuple[tuple[int, int], ...]]:
-    """Changes whenever the model's weights may have: another model object, another parameter storage, or an
-    in-place write to a parameter (each bumps its tensor's version counter)."""
-    return id(model), tuple((p.data_ptr(), p._version) for p in model.parameters())
 
 
 def engine_files(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, root: Path) -> Path:

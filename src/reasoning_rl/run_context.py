@@ -14,6 +14,7 @@ from reasoning_rl.algos.sft import FinetuneParams
 from reasoning_rl.config import ConfigError, ExperimentConfig, ModelConfig, RewardName
 from reasoning_rl.evaluation import EvalResult, evaluate, write_records
 from reasoning_rl.lora import LoraParams
+from reasoning_rl.precision import FLOAT32, Precision
 from reasoning_rl.rollout import Sampler, generate
 from reasoning_rl.tasks import Problem, TaskSplits
 from reasoning_rl.tracking import Tracker
@@ -42,6 +43,7 @@ class RunContext:
     checkpoints: Checkpointer | None = None  # saves and restores the algorithm's state (EI, PPO); None = never
     sampler: Sampler = generate  # the rollout engine (rollout=native: ours; rollout=vllm: a VLLMSampler); every
     #   sample of the run is drawn through it
+    precision: Precision = FLOAT32  # the compute dtype of every forward pass (model.dtype, resolved for the device)
     orm_question_ids: frozenset[str] = frozenset()  # the training questions the ORM learnt from (orm.disjoint:
     #   ORM-guided training leaves them out, see training_questions)
 
@@ -101,6 +103,7 @@ def finetune_params(
         max_steps=max_steps,
         gradient_checkpointing=model.gradient_checkpointing,
         lora=lora_params(model),
+        compute_dtype=ctx.precision.dtype,
         **schedule,
     )
 

@@ -36,7 +36,7 @@ from reasoning_rl.checkpointing import Checkpointer, stop_if_not_finite
 from reasoning_rl.config import EIConfig, ExperimentConfig, ORMFilter, RewardConfig, RewardName
 from reasoning_rl.evaluation import EvalResult
 from reasoning_rl.metrics import mean
-from reasoning_rl.models import TORCH_DTYPES, load_checkpoint, save_checkpoint
+from reasoning_rl.models import load_checkpoint, save_checkpoint
 from reasoning_rl.prompts import STOP_STRINGS
 from reasoning_rl.rollout import Sample, SamplingParams
 from reasoning_rl.run_context import RunContext, evaluate_policy, finetune_params, training_questions
@@ -165,7 +165,7 @@ def trained_policy(ctx: RunContext, cfg: EIConfig) -> tuple[PreTrainedModel, Pre
 
     inputs = ei_policy_inputs(run_cfg, cfg, ctx.splits.train)
     stage = cached_stage(Path(run_cfg.cache_dir), "ei_policy", inputs, build, ctx.tracker)
-    return load_checkpoint(stage.path / "model", ctx.device, TORCH_DTYPES[run_cfg.model.dtype])
+    return load_checkpoint(stage.path / "model", ctx.device)
 
 
 def expert_iteration(

@@ -35,8 +35,9 @@ from reasoning_rl.algos.sft import IGNORE_INDEX, finetune
 from reasoning_rl.checkpointing import Checkpointer
 from reasoning_rl.config import ConfigError
 from reasoning_rl.metrics import mean, roc_auc, within_question_auc
-from reasoning_rl.models import TORCH_DTYPES, load_checkpoint, save_checkpoint
+from reasoning_rl.models import load_checkpoint, save_checkpoint
 from reasoning_rl.packing import forward_kwargs
+from reasoning_rl.precision import Precision
 from reasoning_rl.prompts import STOP_STRINGS
 from reasoning_rl.rollout import SamplingParams
 from reasoning_rl.run_context import RunContext, finetune_params
@@ -47,13 +48,22 @@ log = logging.getLogger(__name__)
 
 
 class OutcomeRewardModel(torch.nn.Module):
-    """A causal LM's trunk (``lm.base_model``) and a linear head: one logit per position (the LM head is unused)."""
+    """A causal LM's trunk (``lm.base_model``) and a linear head: one logit per position (the LM head is unused).
 
-    def __init__(self, lm: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, batch_size: int = 32) -> None:
+    Scoring autocasts to ``compute_dtype``; a frozen ORM loaded for a run is held in it (:meth:`load`)."""
+
+    def __init__(
+        self,
+        lm: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        batch_size: int = 32,
+        compute_dtype: torch.dtype = torch.float32,
+    ) -> None:
         super().__init__()
         self.lm = lm
         self.tokenizer = tokenizer
         self.batch_size = batch_size
+        self.compute_dtype = compute_dtype
         self.head = torch.nn.Linear(lm.config.hidden_size, 1, device=lm.device, dtype=lm.dtype)
 
     def forward(
@@ -77,6 +87,7 @@ class OutcomeRewardModel(torch.nn.Module):
         order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))  # similar lengths share a batch
         scores = [0.0] * len(sequences)
         self.eval()
+        precision = Precision.of(self, self.compute_dtype)
         for start in range(0, len(order), self.batch_size):
             rows = order[start : start + self.batch_size]
             width = max(len(sequences[i]) for i in rows)
@@ -85,7 +96,8 @@ class OutcomeRewardModel(torch.nn.Module):
             for r, i in enumerate(rows):  # right padding: position len-1 is the last real token
                 input_ids[r, : len(sequences[i])] = torch.tensor(sequences[i])
                 attention_mask[r, : len(sequences[i])] = 1
-            logits = self(input_ids.to(self.lm.device), attention_mask.to(self.lm.device))  # (B, T)
+            with precision.autocast():
+                logits = self(input_ids.to(self.lm.device), attention_mask.to(self.lm.device))  # (B, T)
             last = torch.tensor([len(sequences[i]) - 1 for i in rows], device=logits.device)  # (B,)
             probs = torch.sigmoid(logits.gather(1, last[:, None]).squeeze(1)).tolist()  # (B,)
             for i, p in zip(rows, probs, strict=True):
@@ -112,11 +124,14 @@ class OutcomeRewardModel(torch.nn.Module):
         save_file({k: v.contiguous() for k, v in self.head.state_dict().items()}, directory / "head.safetensors")
 
     @classmethod
-    def load(cls, directory: Path, device: torch.device, dtype: torch.dtype, batch_size: int) -> OutcomeRewardModel:
-        lm, tokenizer = load_checkpoint(directory / "model", device, dtype)
-        orm = cls(lm, tokenizer, batch_size)
+    def load(
+        cls, directory: Path, device: torch.device, compute_dtype: torch.dtype, batch_size: int
+    ) -> OutcomeRewardModel:
+        """The trained ORM, frozen, with its weights in ``compute_dtype`` (it only scores)."""
+        lm, tokenizer = load_checkpoint(directory / "model", device)
+        orm = cls(lm, tokenizer, batch_size, compute_dtype)
         orm.head.load_state_dict(load_file(directory / "head.safetensors", device=str(device)))
-        return orm.eval()
+        return orm.to(compute_dtype).eval().requires_grad_(False)
 
 
 def summed_outcome_loss(orm: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -237,7 +252,8 @@ def load_or_train(ctx: RunContext) -> OutcomeRewardModel:
         records = [json.loads(line) for line in (samples_stage.path / "samples.jsonl").open()]
         train_ids, heldout_ids = split_questions([r["problem_id"] for r in records], orm_cfg.heldout_fraction, cfg.seed)
         torch.manual_seed(cfg.seed)  # the head's initial weights
-        orm = OutcomeRewardModel(copy.deepcopy(ctx.model), copy.deepcopy(ctx.tokenizer), cfg.model.sample_batch_size)
+        orm = OutcomeRewardModel(copy.deepcopy(ctx.model), copy.deepcopy(ctx.tokenizer), cfg.model.sample_batch_size,
+                                 ctx.precision.dtype)  # fmt: skip
         trained_on = [r for r in records if r["problem_id"] in train_ids]
         examples = [(r["prompt"], r["completion"], float(r["correct"])) for r in trained_on]
         log.info("ORM: %d training samples, %.1f%% correct", len(examples), 100 * mean([e[2] for e in examples]))
@@ -259,6 +275,4 @@ def load_or_train(ctx: RunContext) -> OutcomeRewardModel:
     metrics = json.loads((orm_stage.path / "metrics.json").read_text())
     ctx.tracker.log_metrics(metrics)
     log.info("ORM held-out: %s", ", ".join(f"{k.split('/')[-1]}={v:.3f}" for k, v in metrics.items()))
-    return OutcomeRewardModel.load(
-        orm_stage.path, ctx.device, TORCH_DTYPES[cfg.model.dtype], cfg.model.sample_batch_size
-    )
+    return OutcomeRewardModel.load(orm_stage.path, ctx.device, ctx.precision.dtype, cfg.model.sample_batch_size)

@@ -46,6 +46,7 @@ import random
 import time
 from collections import defaultdict
 from collections.abc import Iterator, Sequence
+from contextlib import nullcontext
 
 import torch
 from tqdm.auto import tqdm
@@ -70,6 +71,7 @@ from reasoning_rl.algos.sft import TokenizedExample, collate
 from reasoning_rl.config import KLEstimator, PPOConfig, RewardName
 from reasoning_rl.evaluation import EvalResult
 from reasoning_rl.lora import adapters_disabled, attach_adapters, merge_adapters
+from reasoning_rl.precision import FLOAT32, Precision
 from reasoning_rl.prompts import STOP_STRINGS
 from reasoning_rl.rewards import (
     dense_rewards,
@@ -233,6 +235,7 @@ def evaluate_rollouts(
     batch: Batch,
     micro_batch_size: int,
     progress: str | None = None,
+    precision: Precision = FLOAT32,
 ) -> None:
     """Phase 3: fill old_logprobs, old_values, entropy (policy) and ref_logprobs (reference) in ``batch``.
 
@@ -247,15 +250,13 @@ def evaluate_rollouts(
         mb = select_rows(batch, rows)
         n = mb["mask"].shape[1]
         response_ids = mb["response_ids"].to(next(model.parameters()).device)
-        logits, values = forward(model, value_head, mb)  # (B, n, V), (B, n)
+        with precision.autocast():
+            logits, values = forward(model, value_head, mb)  # (B, n, V), (B, n)
         batch["old_logprobs"][rows, :n] = token_logprobs(logits, response_ids).cpu()
         batch["old_values"][rows, :n] = values.cpu()
         batch["entropy"][rows, :n] = entropy(logits).cpu()
-        if ref_model is None:
-            with adapters_disabled(model):
-                ref_logits, _ = forward(model, None, mb)
-        else:
-            ref_logits, _ = forward(ref_model, None, mb)
+        with precision.autocast(), adapters_disabled(model) if ref_model is None else nullcontext():
+            ref_logits, _ = forward(model if ref_model is None else ref_model, None, mb)
         batch["ref_logprobs"][rows, :n] = token_logprobs(ref_logits, response_ids).cpu()
     for key in ("old_logprobs", "old_values", "entropy", "ref_logprobs"):
         batch[key] *= batch["mask"]
@@ -284,7 +285,13 @@ def weight_push_metrics(ctx: RunContext) -> dict[str, float]:
 
 
 def accumulate_gradients(
-    model: PreTrainedModel, value_head: torch.nn.Module, mb_batch: Batch, micro_batch_size: int, cfg: PPOConfig
+    model: PreTrainedModel,
+    value_head: torch.nn.Module,
+    mb_batch: Batch,
+    micro_batch_size: int,
+    cfg: PPOConfig,
+    precision: Precision = FLOAT32,
+    scaler: torch.amp.GradScaler | None = None,
 ) -> dict[str, float]:
     """Backward of one minibatch's loss, micro-batch by micro-batch; returns its token-mean statistics.
 
@@ -298,7 +305,8 @@ def accumulate_gradients(
         mb = select_rows(mb_batch, range(start, min(start + micro_batch_size, num_rows)))
         device = next(model.parameters()).device
         mb = {k: v.to(device) for k, v in mb.items()}
-        logits, values = forward(model, value_head, mb)  # (B, T, V), (B, T)
+        with precision.autocast():  # the losses below are float32: forward() returns float32 logits and values
+            logits, values = forward(model, value_head, mb)  # (B, T, V), (B, T)
         logprobs = token_logprobs(logits, mb["response_ids"])  # (B, T)
         mask = mb["mask"]  # (B, T)
         policy_loss = clipped_policy_loss(logprobs, mb["old_logprobs"], mb["advantages"], cfg.clip_coef)  # (B, T)
@@ -308,7 +316,7 @@ def accumulate_gradients(
             )
         value_loss = clipped_value_loss(values, mb["old_values"], mb["returns"], cfg.value_clip)  # (B, T)
         loss = ((policy_loss + cfg.vf_coef * value_loss) * mask).sum() / num_tokens
-        loss.backward()
+        (loss if scaler is None else scaler.scale(loss)).backward()
         with torch.no_grad():
             ratio = torch.exp(logprobs - mb["old_logprobs"])  # (B, T)
             value_moved = (values - mb["old_values"]).abs() > cfg.value_clip  # (B, T)
@@ -335,10 +343,14 @@ def ppo_update(
     generator: torch.Generator,
     scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
     progress: str | None = None,
+    precision: Precision = FLOAT32,
+    scaler: torch.amp.GradScaler | None = None,
 ) -> dict[str, float]:
     """Phase 6: ``cfg.ppo_epochs`` shuffled passes of minibatch updates; the statistics averaged over minibatches.
 
-    ``progress``: a progress bar over the optimizer steps with this description (None: no bar)."""
+    ``progress``: a progress bar over the optimizer steps with this description (None: no bar). ``precision``: the
+    forward passes' autocast; ``scaler``: float16's loss scaling, kept across calls (None: one for this call)."""
+    scaler = scaler or precision.grad_scaler()
     params = [*model.parameters(), *value_head.parameters()]
     stats: dict[str, list[float]] = defaultdict(list)
     num_rows = batch["mask"].shape[0]
@@ -348,10 +360,13 @@ def ppo_update(
         order = torch.randperm(num_rows, generator=generator).tolist()
         for start in range(0, num_rows, minibatch_size):
             mb_batch = select_rows(batch, order[start : start + minibatch_size])
-            for name, value in accumulate_gradients(model, value_head, mb_batch, micro_batch_size, cfg).items():
+            minibatch = accumulate_gradients(model, value_head, mb_batch, micro_batch_size, cfg, precision, scaler)
+            for name, value in minibatch.items():
                 stats[name].append(value)
+            scaler.unscale_(optimizer)
             stats["grad_norm"].append(float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)))
-            optimizer.step()
+            scaler.step(optimizer)  # float16: skipped when the gradients overflowed
+            scaler.update()
             optimizer.zero_grad(set_to_none=True)
             if scheduler is not None:
                 scheduler.step()
@@ -362,7 +377,12 @@ def ppo_update(
 
 @torch.no_grad()
 def fit_value_head(
-    model: PreTrainedModel, value_head: torch.nn.Linear, batch: Batch, micro_batch_size: int, ridge: float
+    model: PreTrainedModel,
+    value_head: torch.nn.Linear,
+    batch: Batch,
+    micro_batch_size: int,
+    ridge: float,
+    precision: Precision = FLOAT32,
 ) -> float:
     """The critic warm-up: set the value head to the least-squares fit of the batch's returns on the trunk's
     features at every generated token (ridge-regularised, ``ppo_math.solve_ridge``); returns the fit's explained
@@ -375,7 +395,9 @@ def fit_value_head(
     xtx, xty = None, None
     for start in range(0, batch["mask"].shape[0], micro_batch_size):
         mb = select_rows(batch, range(start, min(start + micro_batch_size, batch["mask"].shape[0])))
-        sums = ridge_normal_equations(response_features(model, mb).cpu(), mb["returns"], mb["mask"])
+        with precision.autocast():
+            features = response_features(model, mb)  # (B, T, H)
+        sums = ridge_normal_equations(features.float().cpu(), mb["returns"], mb["mask"])  # the solve in float32
         xtx, xty = sums if xtx is None else (xtx + sums[0], xty + sums[1])
     weight, bias = solve_ridge(xtx, xty, ridge)
     value_head.weight.copy_(weight.to(value_head.weight)[None])
@@ -384,7 +406,8 @@ def fit_value_head(
     for start in range(0, batch["mask"].shape[0], micro_batch_size):
         rows = list(range(start, min(start + micro_batch_size, batch["mask"].shape[0])))
         mb = select_rows(batch, rows)
-        fitted[rows, : mb["mask"].shape[1]] = value_head(response_features(model, mb)).squeeze(-1).float().cpu()
+        with precision.autocast():
+            fitted[rows, : mb["mask"].shape[1]] = value_head(response_features(model, mb)).squeeze(-1).float().cpu()
     return explained_variance(fitted, batch["returns"], batch["mask"])
 
 
@@ -412,7 +435,8 @@ def run(ctx: RunContext) -> EvalResult:
     micro_batch_size = cfg.micro_batch_size or ctx.cfg.model.micro_batch_size
     adapters = lora_params(ctx.cfg.model)
     if adapters is None:
-        ref_model = copy.deepcopy(model).eval().requires_grad_(False)  # pi_ref: the initial policy, frozen
+        # pi_ref: the initial policy, frozen, held in the compute dtype (it only infers)
+        ref_model = copy.deepcopy(model).to(ctx.precision.dtype).eval().requires_grad_(False)
     else:  # pi_ref is the policy with its adapters off: no second copy of the weights
         ref_model = None
         attach_adapters(model, adapters)
@@ -428,6 +452,7 @@ def run(ctx: RunContext) -> EvalResult:
     warmup = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda update: min(1.0, (update + 1) / (cfg.warmup_updates + 1))
     )
+    scaler = ctx.precision.grad_scaler()  # float16's loss scale, kept across steps (off for float32 and bf16)
     generator = torch.Generator().manual_seed(seed)  # minibatch order
     sampling = SamplingParams(cfg.temperature, cfg.top_p, cfg.max_new_tokens, STOP_STRINGS)
     batches = question_batches(training_questions(ctx), cfg.rollout_questions, seed)
@@ -440,6 +465,8 @@ def run(ctx: RunContext) -> EvalResult:
         saved.load_modules(policy=model, value_head=value_head)
         optimizer.load_state_dict(saved.data["optimizer"])
         warmup.load_state_dict(saved.data["scheduler"])
+        if saved.data.get("grad_scaler"):  # empty unless float16
+            scaler.load_state_dict(saved.data["grad_scaler"])
         generator.set_state(saved.data["generator"])
         kl_coef, samples_drawn = saved.data["kl_coef"], saved.data["samples_drawn"]
         first_step = saved.step + 1
@@ -475,7 +502,8 @@ def run(ctx: RunContext) -> EvalResult:
         task_rewards = masked_whiten(batch["scores"], mask, shift_mean=False) if cfg.whiten_rewards else batch["scores"]
 
         # 3. old log-probs, values and reference log-probs
-        evaluate_rollouts(model, value_head, ref_model, batch, micro_batch_size, progress=f"PPO step {step}: score")
+        evaluate_rollouts(model, value_head, ref_model, batch, micro_batch_size, progress=f"PPO step {step}: score",
+                          precision=ctx.precision)  # fmt: skip
         gap = rollout_logprob_gap(batch, cfg.tis_cap)
 
         # 4. KL penalty to the reference policy, at every token
@@ -491,7 +519,8 @@ def run(ctx: RunContext) -> EvalResult:
         stats, fit = {}, {}
         if step <= cfg.critic_warmup_steps:  # the fit's explained variance is NaN when the returns do not vary (a
             # policy that never gets a reward), which is no reason to stop: it is logged, not checked
-            explained = fit_value_head(model, value_head, batch, micro_batch_size, cfg.critic_warmup_ridge)
+            explained = fit_value_head(model, value_head, batch, micro_batch_size, cfg.critic_warmup_ridge,
+                                       ctx.precision)  # fmt: skip
             fit = {"train/ppo_critic_warmup_explained_variance": explained}
         else:
             stats = ppo_update(
@@ -505,6 +534,8 @@ def run(ctx: RunContext) -> EvalResult:
                 generator=generator,
                 scheduler=warmup,
                 progress=f"PPO step {step}: update",
+                precision=ctx.precision,
+                scaler=scaler,
             )
         check_finite(ctx, step, {"KL penalty": kl, **{f"ppo {name}": torch.tensor(v) for name, v in stats.items()}})
 
@@ -548,6 +579,7 @@ def run(ctx: RunContext) -> EvalResult:
             state = {
                 "optimizer": optimizer.state_dict(),
                 "scheduler": warmup.state_dict(),
+                "grad_scaler": scaler.state_dict(),
                 "generator": generator.get_state(),
                 "kl_coef": kl_coef,
                 "samples_drawn": samples_drawn,

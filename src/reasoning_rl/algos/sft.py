@@ -8,6 +8,9 @@ Optimiser: AdamW, linear warm-up then cosine decay to ``lr * min_lr_ratio``, gra
 micro-batches, gradient-norm clipping. The loss of a batch is the mean over all of its target tokens (not the mean
 of micro-batch means), so one batch of 4 and four accumulated micro-batches of 1 give the same update.
 
+Mixed precision (``compute_dtype``, reasoning_rl/precision.py): the forward pass runs under autocast, the weights
+and AdamW's moments stay float32; float16 adds dynamic loss scaling.
+
 Given a :class:`~reasoning_rl.checkpointing.Checkpointer`, :func:`finetune` saves its whole state (weights, AdamW's
 moments, the schedule, the data order and the RNGs) every ``checkpoint_every`` steps and, called again after a kill,
 continues from the last one to the same weights an uninterrupted run reaches (the SFT stage, ``experiment.py``).
@@ -30,6 +33,7 @@ from reasoning_rl.checkpointing import Checkpointer
 from reasoning_rl.config import ConfigError
 from reasoning_rl.lora import LoraParams, attach_adapters, merge_adapters
 from reasoning_rl.packing import collate_packed, forward_kwargs, packed_attention
+from reasoning_rl.precision import Precision
 from reasoning_rl.tracking import Tracker
 
 log = logging.getLogger(__name__)
@@ -54,6 +58,7 @@ class FinetuneParams:
     gradient_checkpointing: bool = False  # recompute activations in the backward pass: less memory, ~30% more time
     lora: LoraParams | None = None  # train LoRA adapters (merged into the weights at the end), not every weight
     pack_sequences: bool = True  # a micro-batch as one row of its sequences end to end, no padding (packing.py)
+    compute_dtype: torch.dtype = torch.float32  # the forward pass autocasts to it; the weights stay float32
 
 
 @dataclass(frozen=True)
@@ -172,7 +177,12 @@ def finetune(
     if params.lora is not None:
         attach_adapters(model, params.lora)
     trainable = [p for p in model.parameters() if p.requires_grad]
+    precision = Precision.of(model, params.compute_dtype)
+    if any(p.dtype != torch.float32 for p in trainable):  # AdamW's ~lr-sized steps round away in bf16 weights
+        raise ValueError(f"{metric_prefix} fine-tune: the trained weights must be float32 (the master copy); "
+                         f"compute in {params.compute_dtype} through params.compute_dtype instead.")  # fmt: skip
     optimizer = torch.optim.AdamW(trainable, lr=params.lr, weight_decay=params.weight_decay)
+    scaler = precision.grad_scaler()
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_multiplier(s, total_steps, warmup_steps, params.min_lr_ratio)
     )
@@ -192,6 +202,8 @@ def finetune(
         saved.load_modules(model=model)
         optimizer.load_state_dict(saved.data["optimizer"])
         scheduler.load_state_dict(saved.data["scheduler"])
+        if saved.data.get("grad_scaler"):  # empty for float32 and bf16: the scaler is off
+            scaler.load_state_dict(saved.data["grad_scaler"])
         version, internal, gauss = saved.data["data_rng"]
         rng.setstate((version, tuple(internal), gauss))
         order, losses, first_step = saved.data["order"], saved.data["losses"], saved.step
@@ -226,13 +238,17 @@ def finetune(
             mb = {k: v.to(device) for k, v in mb.items()}
             # the backward pass stays inside: gradient checkpointing runs the attention again there
             with packed_attention(model) if params.pack_sequences else nullcontext():
-                mb_loss_sum = loss_fn(model, mb)
-                (mb_loss_sum / max(1, num_target_tokens)).backward()
+                with precision.autocast():
+                    mb_loss_sum = loss_fn(model, mb)
+                scaler.scale(mb_loss_sum / max(1, num_target_tokens)).backward()
             batch_loss += mb_loss_sum.item()
-        # 3. clip, step, schedule
+        # 3. clip, step, schedule (float16: the scaler unscales the gradients first, and skips a step that
+        #    overflowed)
+        scaler.unscale_(optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(trainable, params.grad_clip)
         step_lr = scheduler.get_last_lr()[0]  # the rate this step uses (after scheduler.step(), the next step's)
-        optimizer.step()
+        scaler.step(optimizer)
+        scaler.update()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         loss = batch_loss / max(1, num_target_tokens)
@@ -253,7 +269,8 @@ def finetune(
         due = checkpoint_every > 0 and (step + 1) % checkpoint_every == 0 and step + 1 < total_steps
         if checkpoints is not None and due:
             state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                     "data_rng": rng.getstate(), "order": order, "losses": losses}  # fmt: skip
+                     "grad_scaler": scaler.state_dict(), "data_rng": rng.getstate(), "order": order,
+                     "losses": losses}  # fmt: skip
             checkpoints.save(step + 1, state, {"model": model})
     if checkpointing:
         disable = getattr(model, "activation_checkpointing_disable", None) or model.gradient_checkpointing_disable
