@@ -20,6 +20,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from reasoning_rl.checkpointing import Checkpointer, ResumedTracker, RunDirectory, run_key
 from reasoning_rl.config import ConfigError, ExperimentConfig, LoggerName, to_experiment
+from reasoning_rl.distributed import DataParallel
 from reasoning_rl.models import ModelLoadError
 from reasoning_rl.sweep import job_sweep_tags, join_sweep
 from reasoning_rl.tasks import TaskDataError
@@ -169,6 +170,12 @@ def run_job(raw_cfg: DictConfig, project_root: Path) -> float:
     base_dir = Path(hydra_cfg.runtime.cwd)
     resolve_paths(cfg, base_dir)
     uri = tracking_uri(cfg, project_root)
+    try:
+        data_parallel = start_data_parallel(cfg)
+    except ConfigError as error:
+        fail(str(error))
+    if not data_parallel.is_main:
+        return run_follower(data_parallel, cfg, uri, base_dir, output_dir)
 
     # The run is keyed by its config (checkpointing.py): a finished one is reported, an unfinished one resumed.
     try:
@@ -176,9 +183,36 @@ def run_job(raw_cfg: DictConfig, project_root: Path) -> float:
     except OSError as error:  # not writable, or the same config is running in another process
         fail(str(error))
     try:
-        return run_in(run_dir, cfg, raw_cfg, project_root, uri, output_dir)
+        return run_in(run_dir, cfg, raw_cfg, project_root, uri, output_dir, data_parallel)
     finally:
         run_dir.release()  # a multirun runs its next job in this process
+
+
+def start_data_parallel(cfg: ExperimentConfig) -> DataParallel:
+    """This process's rank in a job launched as several (``accelerate launch``, ``torchrun``, Slurm tasks)."""
+    from reasoning_rl.distributed import from_environment
+    from reasoning_rl.models import resolve_device
+
+    return from_environment(resolve_device(cfg.device.value))
+
+
+def run_follower(
+    data_parallel: DataParallel, cfg: ExperimentConfig, uri: str | None, base_dir: Path, output_dir: Path
+) -> float:
+    """A rank other than 0: it runs the job beside rank 0, which decides whether it resumes, logs and saves."""
+    from reasoning_rl.experiment import run_experiment
+
+    plan = data_parallel.share(None)  # rank 0's: {"finished": ..., "resuming": ..., "maj_at_1": ...}
+    if plan["finished"]:
+        return plan["maj_at_1"]
+    run_path = Path(cfg.cache_dir) / "runs" / run_key(cfg, uri)
+    checkpoints = Checkpointer(run_path, cfg.checkpoint_every, restore=plan["resuming"], writes=False)
+    try:
+        metrics = run_experiment(cfg, NullTracker(), base_dir=base_dir, output_dir=output_dir, checkpoints=checkpoints,
+                                 data_parallel=data_parallel)  # fmt: skip
+    except USER_ERRORS as error:
+        fail(f"(rank {data_parallel.rank}) {error}")
+    return metrics["eval/maj_at_1"]
 
 
 def run_in(
@@ -188,14 +222,19 @@ def run_in(
     project_root: Path,
     uri: str | None,
     output_dir: Path,
+    data_parallel: DataParallel,
 ) -> float:
-    """Run (or resume, or report) the job whose state lives in ``run_dir``."""
+    """Run (or resume, or report) the job whose state lives in ``run_dir``; with several processes, rank 0's part
+    (the others run :func:`run_follower`)."""
     from reasoning_rl.experiment import run_experiment
 
     hydra_cfg = HydraConfig.get()
     state = run_dir.state
     resuming = cfg.resume and "finished" in state
-    if resuming and state["finished"]:
+    finished = bool(resuming and state["finished"])
+    maj_at_1 = state.get("metrics", {}).get("eval/maj_at_1", float("nan")) if finished else float("nan")
+    data_parallel.share({"finished": finished, "resuming": resuming, "maj_at_1": maj_at_1})
+    if finished:
         join_current_sweep(uri, state.get("run_id"))
         return report_finished(state, uri)
     try:
@@ -214,7 +253,12 @@ def run_in(
     tracker.log_text("\n".join(hydra_cfg.overrides.task) + "\n", "config/overrides.txt")
     try:
         metrics = run_experiment(
-            cfg, tracker, base_dir=Path(hydra_cfg.runtime.cwd), output_dir=output_dir, checkpoints=checkpoints
+            cfg,
+            tracker,
+            base_dir=Path(hydra_cfg.runtime.cwd),
+            output_dir=output_dir,
+            checkpoints=checkpoints,
+            data_parallel=data_parallel,
         )
     except USER_ERRORS as error:
         tracker.finish(status="FAILED")

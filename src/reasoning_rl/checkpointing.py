@@ -168,10 +168,11 @@ class Checkpoint:
 class Checkpointer:
     """Saves and restores an algorithm's state in a run directory; see the module docstring for the layout."""
 
-    def __init__(self, directory: Path, every: int, *, restore: bool) -> None:
+    def __init__(self, directory: Path, every: int, *, restore: bool, writes: bool = True) -> None:
         self.directory = directory
         self.every = every  # PPO steps between checkpoints (EI checkpoints after every round)
         self.restore_enabled = restore
+        self.writes = writes  # False on the ranks other than 0 of a data-parallel job: they restore, rank 0 saves
 
     def due(self, step: int, *, last: bool) -> bool:
         return last or (self.every > 0 and step % self.every == 0)
@@ -208,8 +209,10 @@ class Checkpointer:
 
     def save(self, step: int, data: Mapping[str, Any], modules: Mapping[str, torch.nn.Module]) -> Path:
         """Write a checkpoint taken after ``step``: ``data`` (JSON values; tensors and state dicts allowed inside),
-        each module's weights, and the global RNG states. Returns its directory."""
+        each module's weights, and the global RNG states. Returns its directory (not written unless ``writes``)."""
         final = self.directory / f"{CHECKPOINT_PREFIX}{step:06d}"
+        if not self.writes:
+            return final
         tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=self.directory))
         try:
             tensors: dict[str, torch.Tensor] = {}

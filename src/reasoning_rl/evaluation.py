@@ -17,6 +17,7 @@ from typing import Protocol
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from reasoning_rl.config import EvalConfig
+from reasoning_rl.distributed import SINGLE, DataParallel
 from reasoning_rl.metrics import majority_vote, mean, pass_at_k, pass_at_k_ladder, rerank_pick, within_question_auc
 from reasoning_rl.prompts import STOP_STRINGS
 from reasoning_rl.rollout import Sample, Sampler, SamplingParams, generate
@@ -121,7 +122,13 @@ def evaluate(
     banned_token_ids: tuple[int, ...] = (),
     progress: bool = True,
     sampler: Sampler = generate,
+    data_parallel: DataParallel = SINGLE,
 ) -> EvalResult:
+    """Greedy and K sampled solutions of every problem, their metrics and per-problem records.
+
+    ``data_parallel``: each rank samples and scores its shard of the problems; the metrics and records are of all
+    of them, on every rank."""
+    problems = data_parallel.shard(problems)
     prompts = [build_prompt(p.question) for p in problems]
     greedy = sampler(
         model,
@@ -148,14 +155,16 @@ def evaluate(
         orm_prompts = [orm_prompt(p.question) for p in problems] if orm_prompt else prompts
         scores = reranker.score(orm_prompts, [[s.text for s in group] for group in sampled])
 
-    per_problem, records = [], []
+    local = []
     for i, problem in enumerate(problems):
-        values, record = score_problem(problem, greedy[i][0].text, sampled[i], None if scores is None else scores[i])
-        per_problem.append(values)
-        records.append(record)
-    metrics = summarize(per_problem, metric_names(cfg.k, reranked=scores is not None))
-    if scores is not None:  # the ranking reranking needs: a question's correct samples above its wrong ones
-        groups = [(group, [s["correct"] for s in r["samples"]]) for group, r in zip(scores, records, strict=True)]
+        problem_scores = None if scores is None else scores[i]
+        values, record = score_problem(problem, greedy[i][0].text, sampled[i], problem_scores)
+        local.append((values, record, problem_scores))
+    gathered = data_parallel.gather(local)  # every problem's, in their order, on every rank
+    records = [record for _, record, _ in gathered]
+    metrics = summarize([values for values, _, _ in gathered], metric_names(cfg.k, reranked=reranker is not None))
+    if reranker is not None:  # the ranking reranking needs: a question's correct samples above its wrong ones
+        groups = [(group, [s["correct"] for s in record["samples"]]) for _, record, group in gathered]
         auc, pairs = within_question_auc(groups)
         metrics.update({"eval/orm_within_auc": auc, "eval/orm_within_pairs": float(pairs)} if pairs else {})
     return EvalResult(metrics, records)

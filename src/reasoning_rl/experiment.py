@@ -26,6 +26,7 @@ from reasoning_rl.algos import ei, orm, ppo, rcrl
 from reasoning_rl.algos.sft import finetune
 from reasoning_rl.checkpointing import Checkpointer, checkpoint_bytes
 from reasoning_rl.config import (
+    ConfigError,
     DType,
     ExperimentConfig,
     GSM8KTaskConfig,
@@ -34,6 +35,7 @@ from reasoning_rl.config import (
     RolloutName,
     SVAMPTaskConfig,
 )
+from reasoning_rl.distributed import SINGLE, DataParallel
 from reasoning_rl.evaluation import EvalResult, write_records
 from reasoning_rl.models import load_checkpoint, load_policy, resolve_device, save_checkpoint
 from reasoning_rl.precision import TORCH_DTYPES, Precision, dtype_name, resolve_compute_dtype
@@ -46,6 +48,8 @@ from reasoning_rl.tracking import Tracker
 
 log = logging.getLogger(__name__)
 
+# The algorithms that split their sampling and training between the processes of a data-parallel job (distributed.py)
+DATA_PARALLEL_ALGOS = frozenset({"none", "ei", "ppo"})
 ARTIFACT_SIZE_LIMIT = 50 * 2**20  # checkpoints larger than this are referenced by path, not copied into MLflow
 
 
@@ -153,6 +157,7 @@ def run_experiment(
     base_dir: Path,
     output_dir: Path,
     checkpoints: Checkpointer | None = None,
+    data_parallel: DataParallel = SINGLE,
 ) -> dict[str, float]:
     # 1. paths and early checks
     resolve_paths(cfg, base_dir)
@@ -161,15 +166,16 @@ def run_experiment(
     device = resolve_device(cfg.device.value)
     torch.set_num_threads(int(os.environ.get("REASONING_RL_THREADS", torch.get_num_threads())))
     precision = resolve_precision(cfg, device, tracker)
+    tracker.log_params({"processes": data_parallel.world_size})  # the job's data-parallel ranks (distributed.py)
 
     # 2. data and model
     splits = load_task(cfg.task)
     log.info("task %s: %d train / %d test problems", cfg.task.name, len(splits.train), len(splits.test))
     model, tokenizer = load_policy(cfg.model, seed=cfg.seed, cache_dir=Path(cfg.cache_dir), device=device)
-    if checkpoints is not None:  # a full disk fails now, not at the first checkpoint
+    if checkpoints is not None and checkpoints.writes:  # a full disk fails now, not at the first checkpoint
         checkpoints.check_space(checkpoint_bytes(model, cfg.algo.name))
     ctx = RunContext(cfg, model, tokenizer, splits, build_prompt, tracker, output_dir, device, checkpoints=checkpoints,
-                     precision=precision)  # fmt: skip
+                     precision=precision, data_parallel=data_parallel)  # fmt: skip
     ctx.sampler = make_sampler(cfg, device)
     try:
         start = getattr(ctx.sampler, "start", None)
@@ -212,13 +218,20 @@ def run_pipeline(ctx: RunContext) -> dict[str, float]:
     """Steps 3-5 of the module docstring."""
     cfg, splits, tracker, output_dir = ctx.cfg, ctx.splits, ctx.tracker, ctx.output_dir
 
-    # 3. init, and the ORM when the reward or the reranking needs one
-    ctx.build_prompt = apply_init(ctx)
-    if cfg.needs_orm:
-        pool = orm.orm_questions(splits.train, cfg.orm.n_questions, cfg.orm.disjoint, cfg.seed)
-        ctx.orm_question_ids = frozenset(p.id for p in pool)
-        training_questions(ctx)  # orm.disjoint leaves the algorithm some questions: fail before training the ORM
-        ctx.orm = orm.load_or_train(ctx)
+    # 3. init, and the ORM when the reward or the reranking needs one; with several processes, rank 0 builds these
+    #    stages alone and the others then load them
+    if ctx.data_parallel.active and cfg.algo.name not in DATA_PARALLEL_ALGOS:
+        raise ConfigError(
+            f"algo={cfg.algo.name} does not run on several processes yet (data parallelism is built for "
+            f"{', '.join(sorted(DATA_PARALLEL_ALGOS))}): launch it as one process (python main.py ...)."
+        )
+    with ctx.data_parallel.main_first():
+        ctx.build_prompt = apply_init(ctx)
+        if cfg.needs_orm:
+            pool = orm.orm_questions(splits.train, cfg.orm.n_questions, cfg.orm.disjoint, cfg.seed)
+            ctx.orm_question_ids = frozenset(p.id for p in pool)
+            training_questions(ctx)  # orm.disjoint leaves the algorithm some questions: fail before training the ORM
+            ctx.orm = orm.load_or_train(ctx)
 
     # 4. algorithm
     result = ALGOS[cfg.algo.name](ctx)
@@ -226,7 +239,7 @@ def run_pipeline(ctx: RunContext) -> dict[str, float]:
     # 5. evaluation (unless the algorithm's last evaluation is of the final policy already)
     if result is None:
         result = evaluate_policy(ctx)
-    if cfg.eval.save_samples:
+    if cfg.eval.save_samples and ctx.data_parallel.is_main:
         tracker.log_artifact(write_records(result.records, output_dir / "eval" / "samples.jsonl"), "eval")
     log.info("eval: %s", ", ".join(f"{k}={v:.4f}" for k, v in sorted(result.metrics.items())))
     return result.metrics

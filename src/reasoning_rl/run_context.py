@@ -12,6 +12,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from reasoning_rl.algos.sft import FinetuneParams
 from reasoning_rl.config import ConfigError, ExperimentConfig, ModelConfig, RewardName
+from reasoning_rl.distributed import SINGLE, DataParallel
 from reasoning_rl.evaluation import EvalResult, evaluate, write_records
 from reasoning_rl.lora import LoraParams
 from reasoning_rl.precision import FLOAT32, Precision
@@ -43,6 +44,7 @@ class RunContext:
     checkpoints: Checkpointer | None = None  # saves and restores the algorithm's state (EI, PPO); None = never
     sampler: Sampler = generate  # the rollout engine (rollout=native: ours; rollout=vllm: a VLLMSampler); every
     #   sample of the run is drawn through it
+    data_parallel: DataParallel = SINGLE  # this process's rank among the job's processes (reasoning_rl/distributed.py)
     precision: Precision = FLOAT32  # the compute dtype of every forward pass (model.dtype, resolved for the device)
     orm_question_ids: frozenset[str] = frozenset()  # the training questions the ORM learnt from (orm.disjoint:
     #   ORM-guided training leaves them out, see training_questions)
@@ -79,9 +81,11 @@ def evaluate_policy(ctx: RunContext, *, step: int | None = None, progress: bool 
         banned_token_ids=ctx.banned_token_ids,
         progress=progress,
         sampler=ctx.sampler,
+        data_parallel=ctx.data_parallel,
     )
     ctx.tracker.log_metrics(result.metrics, step=step)
-    if step is not None and ctx.cfg.eval.save_samples:  # every point of a curve keeps its samples, for paired
+    keep = step is not None and ctx.cfg.eval.save_samples and ctx.data_parallel.is_main
+    if keep:  # every point of a curve keeps its samples, for paired
         # comparisons of one problem across steps (the final evaluation is eval/samples.jsonl as well)
         written = write_records(result.records, ctx.output_dir / "eval" / f"samples_step{step}.jsonl")
         ctx.tracker.log_artifact(written, "eval")

@@ -193,10 +193,12 @@ def expert_iteration(
         result = evaluate_policy(ctx, step=0)
     sampling = SamplingParams(cfg.temperature, cfg.top_p, cfg.max_new_tokens, STOP_STRINGS)
 
+    data_parallel = ctx.data_parallel
     for round_index in range(first_round, cfg.rounds + 1):
-        # 1. sample K solutions per training question from pi_{i-1}
+        # 1. sample K solutions per training question from pi_{i-1} (each rank: its shard of the questions)
         questions = round_questions(pool, cfg.n_questions, seed + round_index)
-        prompts = [ctx.build_prompt(p.question) for p in questions]
+        rank_questions = data_parallel.shard(questions)
+        prompts = [ctx.build_prompt(p.question) for p in rank_questions]
         samples = ctx.sampler(
             ctx.model,
             ctx.tokenizer,
@@ -209,8 +211,8 @@ def expert_iteration(
         )
         samples_drawn += len(questions) * cfg.num_samples
 
-        # 2. grade with the reward
-        graded = grade(ctx, cfg, questions, samples)
+        # 2. grade with the reward (every rank then holds every question's grades, in the same order)
+        graded = dict(data_parallel.gather(list(grade(ctx, cfg, rank_questions, samples).items())))
         candidates = {pid: [(text, keep) for text, keep, _ in rows] for pid, rows in graded.items()}
         num_correct = sum(correct for rows in graded.values() for _, _, correct in rows)
         kept = [correct for rows in graded.values() for _, keep, correct in rows if keep]
@@ -259,6 +261,7 @@ def expert_iteration(
                     ctx.tracker,
                     metric_prefix="ei",
                     step_offset=finetune_steps,
+                    data_parallel=data_parallel,
                 )
             finetune_steps += int(stats["steps"])  # train/ei_loss is one curve over all rounds
         else:  # an empty round (no good sample yet) is not an error: the next round samples again

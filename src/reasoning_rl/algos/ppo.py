@@ -68,7 +68,8 @@ from reasoning_rl.algos.ppo_math import (
     truncated_importance_weights,
 )
 from reasoning_rl.algos.sft import TokenizedExample, collate
-from reasoning_rl.config import KLEstimator, PPOConfig, RewardName
+from reasoning_rl.config import ConfigError, KLEstimator, PPOConfig, RewardName
+from reasoning_rl.distributed import SINGLE, DataParallel
 from reasoning_rl.evaluation import EvalResult
 from reasoning_rl.lora import adapters_disabled, attach_adapters, merge_adapters
 from reasoning_rl.precision import FLOAT32, Precision
@@ -292,13 +293,15 @@ def accumulate_gradients(
     cfg: PPOConfig,
     precision: Precision = FLOAT32,
     scaler: torch.amp.GradScaler | None = None,
+    num_tokens: float | None = None,
 ) -> dict[str, float]:
     """Backward of one minibatch's loss, micro-batch by micro-batch; returns its token-mean statistics.
 
-    Every micro-batch's summed token losses are divided by the whole minibatch's token count, so the accumulated
-    gradient is that of the minibatch's token-mean loss whatever the micro-batch size.
+    Every micro-batch's summed token losses are divided by the whole minibatch's token count (``num_tokens``: of
+    the minibatch of all ranks; None: ``mb_batch``'s), so the accumulated gradient is that of the minibatch's
+    token-mean loss whatever the micro-batch size.
     """
-    num_tokens = float(mb_batch["mask"].sum())
+    num_tokens = num_tokens or float(mb_batch["mask"].sum())
     totals: dict[str, float] = defaultdict(float)
     num_rows = mb_batch["mask"].shape[0]
     for start in range(0, num_rows, micro_batch_size):
@@ -345,11 +348,14 @@ def ppo_update(
     progress: str | None = None,
     precision: Precision = FLOAT32,
     scaler: torch.amp.GradScaler | None = None,
+    data_parallel: DataParallel = SINGLE,
 ) -> dict[str, float]:
     """Phase 6: ``cfg.ppo_epochs`` shuffled passes of minibatch updates; the statistics averaged over minibatches.
 
     ``progress``: a progress bar over the optimizer steps with this description (None: no bar). ``precision``: the
-    forward passes' autocast; ``scaler``: float16's loss scaling, kept across calls (None: one for this call)."""
+    forward passes' autocast; ``scaler``: float16's loss scaling, kept across calls (None: one for this call).
+    ``data_parallel``: ``batch`` is this rank's rows and ``minibatch_size`` its share of a minibatch; the
+    gradients and statistics are summed over the ranks' minibatches."""
     scaler = scaler or precision.grad_scaler()
     params = [*model.parameters(), *value_head.parameters()]
     stats: dict[str, list[float]] = defaultdict(list)
@@ -360,8 +366,12 @@ def ppo_update(
         order = torch.randperm(num_rows, generator=generator).tolist()
         for start in range(0, num_rows, minibatch_size):
             mb_batch = select_rows(batch, order[start : start + minibatch_size])
-            minibatch = accumulate_gradients(model, value_head, mb_batch, micro_batch_size, cfg, precision, scaler)
-            for name, value in minibatch.items():
+            num_tokens = data_parallel.sum(float(mb_batch["mask"].sum()))  # the minibatch of all ranks
+            minibatch = accumulate_gradients(
+                model, value_head, mb_batch, micro_batch_size, cfg, precision, scaler, num_tokens
+            )
+            data_parallel.sum_gradients(params)
+            for name, value in data_parallel.sum_metrics(minibatch).items():
                 stats[name].append(value)
             scaler.unscale_(optimizer)
             stats["grad_norm"].append(float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)))
@@ -383,6 +393,7 @@ def fit_value_head(
     micro_batch_size: int,
     ridge: float,
     precision: Precision = FLOAT32,
+    data_parallel: DataParallel = SINGLE,
 ) -> float:
     """The critic warm-up: set the value head to the least-squares fit of the batch's returns on the trunk's
     features at every generated token (ridge-regularised, ``ppo_math.solve_ridge``); returns the fit's explained
@@ -399,7 +410,8 @@ def fit_value_head(
             features = response_features(model, mb)  # (B, T, H)
         sums = ridge_normal_equations(features.float().cpu(), mb["returns"], mb["mask"])  # the solve in float32
         xtx, xty = sums if xtx is None else (xtx + sums[0], xty + sums[1])
-    weight, bias = solve_ridge(xtx, xty, ridge)
+    # the normal equations of all ranks' rows: every rank fits the same head
+    weight, bias = solve_ridge(data_parallel.sum_tensor(xtx), data_parallel.sum_tensor(xty), ridge)
     value_head.weight.copy_(weight.to(value_head.weight)[None])
     value_head.bias.fill_(bias)
     fitted = torch.zeros_like(batch["returns"])  # (N, T)
@@ -409,6 +421,18 @@ def fit_value_head(
         with precision.autocast():
             fitted[rows, : mb["mask"].shape[1]] = value_head(response_features(model, mb)).squeeze(-1).float().cpu()
     return explained_variance(fitted, batch["returns"], batch["mask"])
+
+
+def check_divisible(rollout_questions: int, minibatch_size: int, world_size: int) -> None:
+    """With several ranks each samples an equal share of a step's questions and trains on an equal share of each
+    minibatch (the ranks meet once per optimizer step, so they must take the same number of them)."""
+    if rollout_questions % world_size or minibatch_size % world_size:
+        raise ConfigError(
+            f"algo=ppo on {world_size} processes splits each step's algo.rollout_questions={rollout_questions} "
+            f"questions and each minibatch of {minibatch_size} rows (algo.minibatch_size, or model.train_batch_size) "
+            f"evenly between them: make both multiples of {world_size}, or launch a number of processes that divides "
+            "them."
+        )
 
 
 def check_finite(ctx: RunContext, step: int, values: dict[str, torch.Tensor]) -> None:
@@ -433,6 +457,9 @@ def run(ctx: RunContext) -> EvalResult:
     model, tokenizer = ctx.model, ctx.tokenizer
     minibatch_size = cfg.minibatch_size or ctx.cfg.model.train_batch_size
     micro_batch_size = cfg.micro_batch_size or ctx.cfg.model.micro_batch_size
+    data_parallel = ctx.data_parallel
+    check_divisible(cfg.rollout_questions, minibatch_size, data_parallel.world_size)
+    minibatch_size //= data_parallel.world_size  # each rank's share of a minibatch
     adapters = lora_params(ctx.cfg.model)
     if adapters is None:
         # pi_ref: the initial policy, frozen, held in the compute dtype (it only infers)
@@ -477,8 +504,8 @@ def run(ctx: RunContext) -> EvalResult:
 
     for step in range(first_step, cfg.steps + 1):
         started = time.perf_counter()
-        # 1. sample K solutions per question from the current policy
-        questions = next(batches)
+        # 1. sample K solutions per question from the current policy (each rank: its shard of the questions)
+        questions = data_parallel.shard(next(batches))
         grouped = ctx.sampler(
             model,
             tokenizer,
@@ -491,7 +518,7 @@ def run(ctx: RunContext) -> EvalResult:
         )
         problems = [p for p, group in zip(questions, grouped, strict=True) for _ in group]
         samples = [s for group in grouped for s in group]
-        samples_drawn += len(samples)
+        samples_drawn += len(samples) * data_parallel.world_size
         sampled = time.perf_counter()
 
         # 2. token-level rewards
@@ -520,7 +547,7 @@ def run(ctx: RunContext) -> EvalResult:
         if step <= cfg.critic_warmup_steps:  # the fit's explained variance is NaN when the returns do not vary (a
             # policy that never gets a reward), which is no reason to stop: it is logged, not checked
             explained = fit_value_head(model, value_head, batch, micro_batch_size, cfg.critic_warmup_ridge,
-                                       ctx.precision)  # fmt: skip
+                                       ctx.precision, data_parallel)  # fmt: skip
             fit = {"train/ppo_critic_warmup_explained_variance": explained}
         else:
             stats = ppo_update(
@@ -536,10 +563,11 @@ def run(ctx: RunContext) -> EvalResult:
                 progress=f"PPO step {step}: update",
                 precision=ctx.precision,
                 scaler=scaler,
+                data_parallel=data_parallel,
             )
         check_finite(ctx, step, {"KL penalty": kl, **{f"ppo {name}": torch.tensor(v) for name, v in stats.items()}})
 
-        # 7. adapt the KL coefficient, log
+        # 7. adapt the KL coefficient, log (every rank's rows: the ranks' means averaged, their shards are equal)
         sequence_kl = float(kl.sum(1).mean())  # KL(pi || pi_ref) per sequence, estimated on the rollouts
         metrics = {
             "train/ppo_reward_mean": float(batch["scores"].sum(1).mean()),
@@ -558,6 +586,8 @@ def run(ctx: RunContext) -> EvalResult:
             "perf/ppo_sample_seconds": sampled - started,
             "perf/ppo_step_seconds": time.perf_counter() - started,
         }
+        metrics = {**data_parallel.mean_metrics(metrics), "train/ppo_samples_drawn": samples_drawn}
+        sequence_kl = metrics["train/ppo_kl"]
         ctx.tracker.log_metrics(metrics, step=step)
         log.info(
             "PPO step %d: reward %.3f, correct %.3f, KL %.3f, entropy %.3f",
@@ -568,7 +598,8 @@ def run(ctx: RunContext) -> EvalResult:
             metrics["train/ppo_entropy"],
         )
         if cfg.adaptive_kl:
-            kl_coef = adaptive_kl_coef(kl_coef, sequence_kl, cfg.kl_target, cfg.kl_horizon, len(samples))
+            kl_coef = adaptive_kl_coef(kl_coef, sequence_kl, cfg.kl_target, cfg.kl_horizon,
+                                       len(samples) * data_parallel.world_size)  # fmt: skip
 
         # 8. evaluate
         if step == cfg.steps or (cfg.eval_every and step % cfg.eval_every == 0):

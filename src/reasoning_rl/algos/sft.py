@@ -31,6 +31,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from reasoning_rl.checkpointing import Checkpointer
 from reasoning_rl.config import ConfigError
+from reasoning_rl.distributed import SINGLE, DataParallel
 from reasoning_rl.lora import LoraParams, attach_adapters, merge_adapters
 from reasoning_rl.packing import collate_packed, forward_kwargs, packed_attention
 from reasoning_rl.precision import Precision
@@ -159,8 +160,12 @@ def finetune(
     loss_fn: Callable[[torch.nn.Module, dict[str, torch.Tensor]], torch.Tensor] = summed_token_loss,
     checkpoints: Checkpointer | None = None,
     checkpoint_every: int = 0,
+    data_parallel: DataParallel = SINGLE,
 ) -> dict[str, float]:
     """Fine-tune ``model`` in place on (prompt, completion) pairs; returns summary statistics.
+
+    ``data_parallel``: every rank calls this with the same examples; each computes its shard of every batch and the
+    gradients are summed over the ranks (reasoning_rl/distributed.py), so all take the one-process step.
 
     ``loss_fn(model, batch)`` returns the loss summed over the batch's target tokens (the completion tokens and
     EOS): next-token cross-entropy by default, the ORM's binary cross-entropy for (prompt, completion, outcome).
@@ -226,11 +231,13 @@ def finetune(
         b_examples = sorted((data[i] for i in b_indices), key=lambda ex: len(ex.input_ids))
         # targets are tokens prompt_len..n-1 (the first token of a sequence is never predicted)
         num_target_tokens = sum(len(ex.input_ids) - max(ex.prompt_len, 1) for ex in b_examples)
-        # 2. accumulate gradients over micro-batches; each micro-batch loss is divided by the whole batch's
-        #    target-token count so the sum over micro-batches is the batch's token-mean loss
+        # 2. accumulate gradients over micro-batches (of this rank's shard of the batch); each micro-batch loss is
+        #    divided by the whole batch's target-token count so the sum over micro-batches (and ranks) is the
+        #    batch's token-mean loss
+        rank_examples = data_parallel.shard(b_examples)
         batch_loss = 0.0
-        for start in range(0, len(b_examples), params.micro_batch_size):
-            mb_examples = b_examples[start : start + params.micro_batch_size]
+        for start in range(0, len(rank_examples), params.micro_batch_size):
+            mb_examples = rank_examples[start : start + params.micro_batch_size]
             if params.pack_sequences:
                 mb = collate_packed(mb_examples, IGNORE_INDEX)
             else:
@@ -242,6 +249,8 @@ def finetune(
                     mb_loss_sum = loss_fn(model, mb)
                 scaler.scale(mb_loss_sum / max(1, num_target_tokens)).backward()
             batch_loss += mb_loss_sum.item()
+        data_parallel.sum_gradients(trainable)
+        batch_loss = data_parallel.sum(batch_loss)
         # 3. clip, step, schedule (float16: the scaler unscales the gradients first, and skips a step that
         #    overflowed)
         scaler.unscale_(optimizer)
