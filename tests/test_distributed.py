@@ -8,8 +8,16 @@ the whole batch (fp32, up to summation order), and stay identical to each other.
 from __future__ import annotations
 
 import copy
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 import torch.distributed as dist
@@ -118,3 +126,97 @@ def test_two_processes_take_the_one_process_update_on_a_fixed_global_batch(tmp_p
         assert torch.equal(ranks[0][name], ranks[1][name]), f"{name}: the replicas differ"
     moved = max(float((single[name] - before[name]).abs().max()) for name in single)
     assert moved > 1e-4  # the update did something
+
+
+# ------------------------------------------------------------------------- whole runs, two ranks, real CLI
+
+ROOT = Path(__file__).resolve().parents[1]
+COMMON = [
+    "model=tiny", "task=arith", "task.min_steps=1", "task.max_steps=1", "task.max_number=9", "task.n_train=64",
+    "task.n_test=8", "init=sft", "init.max_steps=20", "eval.k=2", "eval.max_new_tokens=24", "seed=0",
+]  # fmt: skip
+EI = [*COMMON, "algo=ei", "algo.rounds=2", "algo.num_samples=2", "algo.n_questions=16", "algo.max_new_tokens=24",
+      "algo.max_steps=3"]  # fmt: skip
+PPO = [*COMMON, "algo=ppo", "algo.steps=4", "algo.rollout_questions=8", "algo.num_samples=2", "algo.max_new_tokens=24",
+       "algo.lr=1e-4", "algo.minibatch_size=8", "checkpoint_every=1"]  # fmt: skip
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(overrides: list[str], tmp: Path, name: str) -> subprocess.Popen:
+    """``accelerate launch --multi_gpu --num_processes 2 main.py ...``, as the README says (on a machine without
+    CUDA, ``--multi_gpu`` is torchrun's launcher and the ranks talk over gloo)."""
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(WORLD_SIZE),
+        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+        "--main_process_port", str(free_port()), str(ROOT / "main.py"), *overrides, f"cache_dir={tmp / 'cache'}",
+        f"hydra.run.dir={tmp / 'out' / name}", f"logger.tracking_uri=sqlite:///{tmp / 'mlflow.db'}",
+    ]  # fmt: skip
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    log = (tmp / f"{name}.log").open("w")
+    return subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env)
+
+
+def finish(process: subprocess.Popen, tmp: Path, name: str) -> str:
+    returncode = process.wait(timeout=900)
+    output = (tmp / f"{name}.log").read_text()
+    assert returncode == 0, output[-4000:]
+    return output
+
+
+def mlflow_runs(tmp: Path):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp / 'mlflow.db'}")
+    return client, client.search_runs([client.get_experiment_by_name("reasoning-rl").experiment_id])
+
+
+def steps_of(client, run, name: str) -> list[int]:
+    return sorted(m.step for m in client.get_metric_history(run.info.run_id, name))
+
+
+def test_two_rank_ei_and_ppo_runs_log_once_into_one_mlflow_run_each(tmp_path):
+    for name, overrides in (("ei", EI), ("ppo", [*PPO, "algo.steps=2"])):
+        finish(launch(overrides, tmp_path, name), tmp_path, name)
+    client, runs = mlflow_runs(tmp_path)
+    by_algo = {run.data.tags["algo"]: run for run in runs}
+    assert len(runs) == 2 and set(by_algo) == {"ei", "ppo"}, [r.data.tags for r in runs]
+    for algo, run in by_algo.items():
+        assert run.info.status == "FINISHED" and run.data.params["processes"] == "2", algo
+        assert run.data.metrics["eval/num_problems"] == 8  # every test problem, gathered from both ranks' shards
+    # the counters and curves are those of the whole job, each point logged once (by rank 0)
+    ei, ppo = by_algo["ei"], by_algo["ppo"]
+    assert steps_of(client, ei, "train/ei_samples_drawn") == [1, 2]
+    assert ei.data.metrics["train/ei_samples_drawn"] == 2 * 16 * 2  # rounds x questions x K, both ranks'
+    assert steps_of(client, ppo, "train/ppo_reward_mean") == [1, 2]
+    assert ppo.data.metrics["train/ppo_samples_drawn"] == 2 * 8 * 2  # steps x questions x K, both ranks'
+
+
+def test_a_killed_two_rank_run_resumes_from_its_checkpoint_with_two_ranks(tmp_path):
+    victim = launch(PPO, tmp_path, "victim")
+    state_files = tmp_path / "cache" / "runs"
+    deadline = time.monotonic() + 900
+    while True:  # SIGKILL the launcher and both ranks once the checkpoint after step 2 is written
+        states = [json.loads(f.read_text()) for f in state_files.glob("*/state.json") if f.stat().st_size]
+        if states and states[0].get("step", 0) >= 2:
+            break
+        assert victim.poll() is None, (tmp_path / "victim.log").read_text()[-4000:]
+        assert time.monotonic() < deadline, "no checkpoint after step 2"
+        time.sleep(0.05)
+    killed_at = states[0]["step"]
+    assert killed_at < 4, "the run finished before it could be killed"
+    # the launcher and both ranks (torchrun starts each rank in a session of its own, so the launcher's process
+    # group does not reach them: a machine shutting down does)
+    for process in [psutil.Process(victim.pid), *psutil.Process(victim.pid).children(recursive=True)]:
+        process.send_signal(signal.SIGKILL)
+    victim.wait()
+    output = finish(launch(PPO, tmp_path, "rerun"), tmp_path, "rerun")
+    assert f"resuming after step {killed_at}" in output
+    client, runs = mlflow_runs(tmp_path)
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"  # the same run, continued
+    assert runs[0].data.tags["resumed"].startswith(f"after step {killed_at}")
+    assert steps_of(client, runs[0], "train/ppo_reward_mean") == [1, 2, 3, 4]  # each step logged once

@@ -176,11 +176,12 @@ def run_experiment(
         checkpoints.check_space(checkpoint_bytes(model, cfg.algo.name))
     ctx = RunContext(cfg, model, tokenizer, splits, build_prompt, tracker, output_dir, device, checkpoints=checkpoints,
                      precision=precision, data_parallel=data_parallel)  # fmt: skip
+    del model  # ctx holds the policy: a reused SFT checkpoint replaces it there, and this one must not stay alive
     ctx.sampler = make_sampler(cfg, device)
     try:
         start = getattr(ctx.sampler, "start", None)
         if start is not None:  # an engine that cannot start (no KV cache for the context) fails before training
-            start(model, tokenizer)
+            start(ctx.model, tokenizer)
         return run_pipeline(ctx)
     finally:
         close = getattr(ctx.sampler, "close", None)
