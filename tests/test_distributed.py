@@ -25,9 +25,9 @@ import torch.multiprocessing as mp
 from test_ppo import TINY as PPO_TINY
 from test_ppo import hand_made_batch
 
-from reasoning_rl.algos.ppo import fit_value_head, ppo_update
+from reasoning_rl.algos.ppo import check_divisible, fit_value_head, ppo_update
 from reasoning_rl.algos.sft import FinetuneParams, finetune
-from reasoning_rl.config import ModelConfig, ModelSource, PPOConfig
+from reasoning_rl.config import ConfigError, ModelConfig, ModelSource, PPOConfig
 from reasoning_rl.distributed import SINGLE, DataParallel
 from reasoning_rl.models import build_tiny_model, build_tiny_tokenizer
 from reasoning_rl.tracking import NullTracker
@@ -48,6 +48,13 @@ def test_shard_and_gather_are_inverse_and_cover_every_item_once():
     shards = [DataParallel(rank, 3).shard(items) for rank in range(3)]
     assert shards == [[0, 3, 6], [1, 4], [2, 5]]  # every 3rd item from the rank's position: sizes differ by <= 1
     assert SINGLE.shard(items) == items and SINGLE.gather(items) == items
+
+
+def test_ppo_refuses_a_step_or_minibatch_the_ranks_cannot_split_evenly():
+    check_divisible(8, 16, 2)  # 4 questions and 8 rows of each minibatch per rank
+    for questions, minibatch in ((7, 16), (8, 15)):
+        with pytest.raises(ConfigError, match="multiples of 2"):
+            check_divisible(questions, minibatch, 2)
 
 
 # ------------------------------------------------------------------------------- real processes, gloo
