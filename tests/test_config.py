@@ -29,7 +29,7 @@ def compose_experiment(overrides: list[str]) -> ExperimentConfig:
 
 
 def test_every_group_has_the_documented_options():
-    assert options("algo") == ["ei", "none", "ppo", "rcrl"]
+    assert options("algo") == ["dr_grpo", "ei", "grpo", "none", "ppo", "rcrl", "rloo"]
     assert options("reward") == ["dense", "orm", "orm_dense", "sparse"]
     assert options("init") == ["pretrained", "sft"]
     assert options("model") == ["13b", "7b", "smollm2_135m", "tiny"]

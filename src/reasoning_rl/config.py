@@ -70,6 +70,16 @@ class KLEstimator(str, Enum):
     k3 = "k3"  # (r - 1) - log r with r = q(x) / p(x): unbiased, never negative, lower variance when p and q are close
 
 
+class Baseline(str, Enum):
+    group_mean = "group_mean"  # GRPO, Dr. GRPO: the mean reward of the question's K samples, the sample's own included
+    leave_one_out = "leave_one_out"  # RLOO: the mean reward of the question's other K - 1 samples
+
+
+class LossNorm(str, Enum):
+    sequence_mean = "sequence_mean"  # GRPO: each sequence's mean over its tokens, then the mean over sequences
+    token_sum = "token_sum"  # Dr. GRPO: each sequence's token sum / algo.max_new_tokens, then the mean over sequences
+
+
 class RolloutName(str, Enum):
     native = "native"  # our sampler (reasoning_rl/rollout.py): the reference, and the faster one at the tiny scale
     vllm = "vllm"  # vLLM, in this process (reasoning_rl/rollout_vllm.py): the engine other RL frameworks use
@@ -401,6 +411,69 @@ class PPOConfig(AlgoConfig):
         return ("sparse", "dense", "orm", "orm_dense")
 
 
+@dataclass
+class GRPOConfig(AlgoConfig):
+    """algo=grpo | rloo | dr_grpo: critic-free policy gradient, each sample's advantage taken against the other samples
+    of its question (beyond the paper); see algos/grpo.py. The three options differ only in `baseline`,
+    `scale_by_std` and `loss_norm`; the rest is PPO's sampling, clipped ratio and reference."""
+
+    name: str = "grpo"
+    steps: int = 20  # steps; each samples a rollout batch from the current policy, then updates on it
+    rollout_questions: int = 64  # training questions per step (a seeded shuffle of the training set, cycled)
+    num_samples: int = 4  # K: solutions sampled per question per step, the group the baseline comes from (>= 2)
+    temperature: float = 1.0  # rollout sampling temperature (1 = the policy being optimised; others are off-policy)
+    top_p: float = 1.0  # rollout nucleus sampling
+    max_new_tokens: int = 256  # rollout length limit; also Dr. GRPO's loss normaliser (loss_norm=token_sum)
+    baseline: Baseline = Baseline.group_mean  # group_mean (GRPO, Dr. GRPO) | leave_one_out (RLOO)
+    scale_by_std: bool = True  # divide each advantage by its group's reward std (GRPO); false: Dr. GRPO and RLOO
+    loss_norm: LossNorm = LossNorm.sequence_mean  # sequence_mean (GRPO, RLOO) | token_sum (Dr. GRPO)
+    epochs: int = 1  # passes over each rollout batch (DeepSeekMath's mu, TRL's num_iterations)
+    minibatch_size: int | None = None  # sequences per optimizer step; None = model.train_batch_size
+    micro_batch_size: int | None = None  # sequences per forward/backward (gradient accumulation); None = model's
+    lr: float | None = None  # AdamW learning rate of the policy (constant); None = model.lr / 10, as PPO's
+    grad_clip: float = 1.0  # max gradient norm
+    clip_coef: float = 0.2  # epsilon of the clipped policy ratio
+    kl_coef: float = 0.04  # beta: weight of the per-token KL(pi || pi_ref) term in the loss (DeepSeekMath's 0.04);
+    #   0 = no KL term, and no reference model is kept
+    kl_estimator: KLEstimator = KLEstimator.k3  # the KL term's estimator; k3 (DeepSeekMath's): k1's gradient as a
+    #   loss term is 0 in expectation, so k1 is refused while kl_coef > 0
+    tis_cap: float | None = 3.0  # truncated importance sampling of each token's policy loss, as PPO's algo.tis_cap
+    orm_add_correct: bool = False  # reward=orm|orm_dense: also give reward.correct_reward for a correct final answer
+    eval_every: int = 0  # evaluate every this many steps (0 = only after the last step)
+    eval_init: bool = True  # also evaluate the initial policy (step 0)
+
+    def __post_init__(self) -> None:
+        counts = {
+            "steps": self.steps,
+            "rollout_questions": self.rollout_questions,
+            "epochs": self.epochs,
+            "minibatch_size": self.minibatch_size or 1,
+            "micro_batch_size": self.micro_batch_size or 1,
+        }
+        for key, value in counts.items():
+            if value < 1:
+                raise ConfigError(f"algo.{key}={value} must be >= 1.")
+        if self.num_samples < 2:
+            raise ConfigError(
+                f"algo.num_samples={self.num_samples}: a group of one sample is its own baseline, so every advantage "
+                "would be 0 and nothing would be learnt; set algo.num_samples >= 2."
+            )
+        if self.clip_coef <= 0 or self.kl_coef < 0:
+            raise ConfigError(f"algo.clip_coef={self.clip_coef} must be > 0 and algo.kl_coef={self.kl_coef} >= 0.")
+        if self.kl_coef > 0 and self.kl_estimator == KLEstimator.k1:
+            raise ConfigError(
+                "algo.kl_estimator=k1 as a loss term has gradient grad log pi, whose expectation under the sampling "
+                "policy is 0, so it would not pull toward the reference: use algo.kl_estimator=k3, or algo.kl_coef=0."
+            )
+        if self.tis_cap is not None and self.tis_cap < 1:
+            raise ConfigError(
+                f"algo.tis_cap={self.tis_cap} must be >= 1 (a cap below 1 down-weights every token), or null for off."
+            )
+
+    def supported_rewards(self) -> tuple[str, ...]:
+        return ("sparse", "dense", "orm", "orm_dense")
+
+
 # --------------------------------------------------------------------------------------------- reward
 
 
@@ -554,7 +627,17 @@ def register_configs() -> None:
     cs = ConfigStore.instance()
     cs.store(name="experiment_schema", node=ExperimentConfig)
     options: dict[str, dict[str, Any]] = {
-        "algo": {"none": NoAlgoConfig(), "ei": EIConfig(), "rcrl": RCRLConfig(), "ppo": PPOConfig()},
+        "algo": {
+            "none": NoAlgoConfig(),
+            "ei": EIConfig(),
+            "rcrl": RCRLConfig(),
+            "ppo": PPOConfig(),
+            # beyond the paper: one loop (algos/grpo.py), three options; a separate name for each, so the run's
+            # `algo` tag, and with it the row of the report's tables, tells them apart
+            "grpo": GRPOConfig(),
+            "rloo": GRPOConfig(name="rloo", baseline=Baseline.leave_one_out, scale_by_std=False),
+            "dr_grpo": GRPOConfig(name="dr_grpo", scale_by_std=False, loss_norm=LossNorm.token_sum),
+        },
         "reward": {
             "sparse": RewardConfig(name=RewardName.sparse),
             "dense": RewardConfig(name=RewardName.dense, step_reward=0.2),
