@@ -22,12 +22,14 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from test_grpo import hand_made_groups
 from test_ppo import TINY as PPO_TINY
 from test_ppo import hand_made_batch
 
+from reasoning_rl.algos.grpo import group_relative_advantages, grpo_update
 from reasoning_rl.algos.ppo import check_divisible, fit_value_head, ppo_update
 from reasoning_rl.algos.sft import FinetuneParams, finetune
-from reasoning_rl.config import ConfigError, ModelConfig, ModelSource, PPOConfig
+from reasoning_rl.config import ConfigError, GRPOConfig, LossNorm, ModelConfig, ModelSource, PPOConfig
 from reasoning_rl.distributed import SINGLE, DataParallel
 from reasoning_rl.models import build_tiny_model, build_tiny_tokenizer
 from reasoning_rl.tracking import NullTracker
@@ -104,12 +106,29 @@ def ppo_step(data_parallel: DataParallel) -> tuple[dict[str, torch.Tensor], dict
     return before, weights()
 
 
-STEPS = {"finetune": finetune_step, "ppo": ppo_step}
+def grpo_step(data_parallel: DataParallel) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """The weights before and after one Dr. GRPO minibatch update (plain SGD, a KL term to a copy of the init) on
+    two questions' groups of 4: the questions are sharded, so each rank holds one whole group and its advantages
+    are computed there; each rank's sequence losses are divided by the 8 sequences of both ranks."""
+    tok = build_tiny_tokenizer()
+    model = scaled_tiny_model(PPO_TINY, len(tok))
+    questions = data_parallel.shard([("Q: 2+3\nA:\n", [1.2, 0.2, 0.2, 0.2]), ("Q: 1+1\nA:\n", [1.0, 1.0, 0.0, 0.0])])
+    batch = hand_made_groups(model, tok, questions, reference=copy.deepcopy(model))
+    cfg = GRPOConfig(loss_norm=LossNorm.token_sum, scale_by_std=False, max_new_tokens=32, grad_clip=1e9)
+    group_relative_advantages(batch, len(questions), cfg)
+    before = copy.deepcopy(model.state_dict())
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    grpo_update(model, optimizer, batch, cfg, minibatch_size=8 // data_parallel.world_size, micro_batch_size=2,
+                generator=torch.Generator().manual_seed(0), data_parallel=data_parallel)  # fmt: skip
+    return before, copy.deepcopy(model.state_dict())
+
+
+STEPS = {"finetune": finetune_step, "ppo": ppo_step, "grpo": grpo_step}
 # The sums of the gradients over two ranks round differently from one process's sum (~1e-7 relative). SGD's update
 # is proportional to the gradient, so the weights agree to ~1e-7. AdamW's first step is lr * g / (|g| + eps): ~lr
 # wherever |g| >> eps = 1e-8, but for the 3-5 of the model's 14k weights whose |g| is near eps the step follows the
 # rounding of g: measured differences up to 6e-7, 0.06% of the 1e-3 step.
-ATOL = {"finetune": 1e-6, "ppo": 1e-7}
+ATOL = {"finetune": 1e-6, "ppo": 1e-7, "grpo": 1e-7}
 
 
 def rank_main(rank: int, step: str, init_file: str, out_dir: str) -> None:

@@ -253,8 +253,9 @@ def stop_if_not_finite(where: str, checkpoints: Checkpointer | None) -> Iterator
 
 
 # Copies of the policy's size one checkpoint holds, times two (the new one is written before the old one goes): EI
-# saves the policy; PPO the policy and AdamW's two moments (the value head is one row).
-CHECKPOINT_COPIES = {"ei": 2 * 1, "ppo": 2 * 3}
+# saves the policy; PPO the policy and AdamW's two moments (the value head is one row); GRPO, RLOO, Dr. GRPO the same
+# without a value head.
+CHECKPOINT_COPIES = {"ei": 2 * 1, "ppo": 2 * 3, "grpo": 2 * 3, "rloo": 2 * 3, "dr_grpo": 2 * 3}
 
 
 def checkpoint_bytes(model: torch.nn.Module, algo: str) -> int:

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from reasoning_rl.algos import ei, orm, ppo, rcrl
+from reasoning_rl.algos import ei, grpo, orm, ppo, rcrl
 from reasoning_rl.algos.sft import finetune
 from reasoning_rl.checkpointing import Checkpointer, checkpoint_bytes
 from reasoning_rl.config import (
@@ -49,7 +49,7 @@ from reasoning_rl.tracking import Tracker
 log = logging.getLogger(__name__)
 
 # The algorithms that split their sampling and training between the processes of a data-parallel job (distributed.py)
-DATA_PARALLEL_ALGOS = frozenset({"none", "ei", "ppo"})
+DATA_PARALLEL_ALGOS = frozenset({"none", "ei", "ppo", "grpo", "rloo", "dr_grpo"})
 ARTIFACT_SIZE_LIMIT = 50 * 2**20  # checkpoints larger than this are referenced by path, not copied into MLflow
 
 
@@ -64,6 +64,9 @@ ALGOS: dict[str, Callable[[RunContext], EvalResult | None]] = {
     "ei": ei.run,
     "rcrl": rcrl.run,
     "ppo": ppo.run,
+    "grpo": grpo.run,  # beyond the paper: the three are one loop, their options differ (config.py)
+    "rloo": grpo.run,
+    "dr_grpo": grpo.run,
 }
 
 

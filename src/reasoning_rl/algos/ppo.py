@@ -68,7 +68,7 @@ from reasoning_rl.algos.ppo_math import (
     truncated_importance_weights,
 )
 from reasoning_rl.algos.sft import TokenizedExample, collate
-from reasoning_rl.config import ConfigError, KLEstimator, PPOConfig, RewardName
+from reasoning_rl.config import ConfigError, GRPOConfig, KLEstimator, PPOConfig, RewardName
 from reasoning_rl.distributed import SINGLE, DataParallel
 from reasoning_rl.evaluation import EvalResult
 from reasoning_rl.lora import adapters_disabled, attach_adapters, merge_adapters
@@ -185,7 +185,7 @@ def forward(
 
 
 def score_samples(
-    ctx: RunContext, cfg: PPOConfig, problems: Sequence[Problem], samples: Sequence[Sample]
+    ctx: RunContext, cfg: PPOConfig | GRPOConfig, problems: Sequence[Problem], samples: Sequence[Sample]
 ) -> tuple[list[torch.Tensor], list[bool]]:
     """Phase 2: the token-level rewards of each sample (one (T,) tensor each), and whether it is correct."""
     reward = ctx.cfg.reward
@@ -231,19 +231,23 @@ def orm_scores(ctx: RunContext, problems: Sequence[Problem], prefixes: Sequence[
 @torch.no_grad()
 def evaluate_rollouts(
     model: PreTrainedModel,
-    value_head: torch.nn.Module,
+    value_head: torch.nn.Module | None,
     ref_model: PreTrainedModel | None,
     batch: Batch,
     micro_batch_size: int,
     progress: str | None = None,
     precision: Precision = FLOAT32,
+    reference: bool = True,
 ) -> None:
     """Phase 3: fill old_logprobs, old_values, entropy (policy) and ref_logprobs (reference) in ``batch``.
 
-    ``ref_model`` None: the reference is ``model`` with its LoRA adapters switched off (``model.lora_rank > 0``).
-    ``progress``: a progress bar over the micro-batches with this description (None: no bar)."""
+    ``value_head`` None: no old_values (a critic-free algorithm). ``ref_model`` None: the reference is ``model`` with
+    its LoRA adapters switched off (``model.lora_rank > 0``); ``reference=False``: no reference at all, no
+    ref_logprobs. ``progress``: a progress bar over the micro-batches with this description (None: no bar)."""
     shape = batch["mask"].shape
-    for key in ("old_logprobs", "old_values", "entropy", "ref_logprobs"):
+    keys = ["old_logprobs", "entropy", *(["old_values"] if value_head is not None else []),
+            *(["ref_logprobs"] if reference else [])]  # fmt: skip
+    for key in keys:
         batch[key] = torch.zeros(shape)  # (N, T)
     starts = range(0, shape[0], micro_batch_size)
     for start in tqdm(starts, desc=progress, disable=progress is None, dynamic_ncols=True):
@@ -254,12 +258,14 @@ def evaluate_rollouts(
         with precision.autocast():
             logits, values = forward(model, value_head, mb)  # (B, n, V), (B, n)
         batch["old_logprobs"][rows, :n] = token_logprobs(logits, response_ids).cpu()
-        batch["old_values"][rows, :n] = values.cpu()
         batch["entropy"][rows, :n] = entropy(logits).cpu()
-        with precision.autocast(), adapters_disabled(model) if ref_model is None else nullcontext():
-            ref_logits, _ = forward(model if ref_model is None else ref_model, None, mb)
-        batch["ref_logprobs"][rows, :n] = token_logprobs(ref_logits, response_ids).cpu()
-    for key in ("old_logprobs", "old_values", "entropy", "ref_logprobs"):
+        if values is not None:
+            batch["old_values"][rows, :n] = values.cpu()
+        if reference:
+            with precision.autocast(), adapters_disabled(model) if ref_model is None else nullcontext():
+                ref_logits, _ = forward(model if ref_model is None else ref_model, None, mb)
+            batch["ref_logprobs"][rows, :n] = token_logprobs(ref_logits, response_ids).cpu()
+    for key in keys:
         batch[key] *= batch["mask"]
 
 
@@ -370,19 +376,32 @@ def ppo_update(
             minibatch = accumulate_gradients(
                 model, value_head, mb_batch, micro_batch_size, cfg, precision, scaler, num_tokens
             )
-            data_parallel.sum_gradients(params)
             for name, value in data_parallel.sum_metrics(minibatch).items():
                 stats[name].append(value)
-            scaler.unscale_(optimizer)
-            stats["grad_norm"].append(float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)))
-            scaler.step(optimizer)  # float16: skipped when the gradients overflowed
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
+            stats["grad_norm"].append(optimizer_step(optimizer, params, scaler, cfg.grad_clip, data_parallel))
             if scheduler is not None:
                 scheduler.step()
             bar.update()
     bar.close()
     return {name: sum(values) / len(values) for name, values in stats.items()}
+
+
+def optimizer_step(
+    optimizer: torch.optim.Optimizer,
+    params: Sequence[torch.nn.Parameter],
+    scaler: torch.amp.GradScaler,
+    grad_clip: float,
+    data_parallel: DataParallel = SINGLE,
+) -> float:
+    """The accumulated gradients summed over the ranks, unscaled (float16), clipped to ``grad_clip``, one optimizer
+    step, then zeroed; returns the gradient norm before clipping."""
+    data_parallel.sum_gradients(params)
+    scaler.unscale_(optimizer)
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, grad_clip))
+    scaler.step(optimizer)  # float16: skipped when the gradients overflowed
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm
 
 
 @torch.no_grad()
@@ -423,26 +442,26 @@ def fit_value_head(
     return explained_variance(fitted, batch["returns"], batch["mask"])
 
 
-def check_divisible(rollout_questions: int, minibatch_size: int, world_size: int) -> None:
+def check_divisible(rollout_questions: int, minibatch_size: int, world_size: int, algo: str = "ppo") -> None:
     """With several ranks each samples an equal share of a step's questions and trains on an equal share of each
     minibatch (the ranks meet once per optimizer step, so they must take the same number of them)."""
     if rollout_questions % world_size or minibatch_size % world_size:
         raise ConfigError(
-            f"algo=ppo on {world_size} processes splits each step's algo.rollout_questions={rollout_questions} "
+            f"algo={algo} on {world_size} processes splits each step's algo.rollout_questions={rollout_questions} "
             f"questions and each minibatch of {minibatch_size} rows (algo.minibatch_size, or model.train_batch_size) "
             f"evenly between them: make both multiples of {world_size}, or launch a number of processes that divides "
             "them."
         )
 
 
-def check_finite(ctx: RunContext, step: int, values: dict[str, torch.Tensor]) -> None:
+def check_finite(ctx: RunContext, step: int, values: dict[str, torch.Tensor], algo: str = "PPO") -> None:
     """Stop the run at the first NaN or infinity in a reward or the loss: nothing after it can be trusted, and the
     state it would poison is not checkpointed, so the last good checkpoint stays the one a rerun resumes from."""
     for name, value in values.items():
         if not bool(torch.isfinite(value).all()):
             kept = ctx.checkpoints.describe_latest() if ctx.checkpoints is not None else "no checkpoint (none asked)"
             raise FloatingPointError(
-                f"PPO step {step}: the {name} is not finite (NaN or infinity); lower algo.lr or check the reward. "
+                f"{algo} step {step}: the {name} is not finite (NaN or infinity); lower algo.lr or check the reward. "
                 f"The run stops here; kept: {kept}."
             )
 
