@@ -420,3 +420,22 @@ def test_grpo_rloo_and_dr_grpo_run_through_the_cli_and_log(tmp_path):
             assert steps == [1, 2], (algo, name)
         assert run.data.metrics["train/grpo_samples_drawn"] == 2 * 4 * 2  # steps x questions x K
         assert "eval/maj_at_1" in run.data.metrics and 0 <= run.data.metrics["train/grpo_clip_fraction"] <= 1
+
+
+# ------------------------------------------------------------------------------------------------ report
+
+
+def test_the_report_puts_the_rows_beyond_the_paper_after_the_papers_and_leaves_their_paper_cells_empty():
+    import pandas as pd
+
+    from reasoning_rl.report import SAMPLES_DRAWN, paper_table, row_name
+
+    names = [row_name(algo, "sparse", "sft") for algo in ("dr_grpo", "ei", "grpo", "none", "rloo")]
+    assert names == ["Dr. GRPO", "EI", "GRPO", "SFT", "RLOO"]
+    assert row_name("grpo", "dense", "sft") == "grpo dense"  # other rewards: a row of their own, after the named ones
+    runs = pd.DataFrame([{"row": row, "init": "sft", "task": "arith", "model": "tiny", "seed": "0", "maj@1": 0.5,
+                          "maj@K": 0.5, "rerank@K": 0.5, "pass@K": 0.6} for row in [*names, "grpo dense"]])  # fmt: skip
+    table = paper_table(runs, "sft", "arith", with_paper=True)
+    assert list(table.index) == ["SFT", "EI", "GRPO", "RLOO", "Dr. GRPO", "grpo dense"]
+    assert table.loc["EI", "maj@1 paper 7b"] == "0.48" and table.loc["GRPO", "maj@1 paper 7b"] == "–"
+    assert {SAMPLES_DRAWN[a] for a in ("grpo", "rloo", "dr_grpo")} == {"train/grpo_samples_drawn"}

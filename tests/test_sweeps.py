@@ -27,8 +27,10 @@ from reasoning_rl.sweep import sweep_axes
 
 ROOT = Path(__file__).resolve().parents[1]
 SWEEPS = ["sft_table", "pretrained_table", "sample_complexity", "ei_rounds"]
-SFT_TABLE = ["SFT", "EI", "ORM EI", "ORM RCRL", "Sparse PPO", "Dense PPO", "Sparse ORM PPO", "Dense ORM PPO"]
-PRETRAINED_TABLE = ["Prompted", "EI", "ORM EI", "Sparse PPO", "Sparse ORM PPO", "Dense ORM PPO"]
+BEYOND_THE_PAPER = ["GRPO", "RLOO", "Dr. GRPO"]  # after the paper's rows, in both tables and the figure
+SFT_TABLE = ["SFT", "EI", "ORM EI", "ORM RCRL", "Sparse PPO", "Dense PPO", "Sparse ORM PPO", "Dense ORM PPO",
+             *BEYOND_THE_PAPER]  # fmt: skip
+PRETRAINED_TABLE = ["Prompted", "EI", "ORM EI", "Sparse PPO", "Sparse ORM PPO", "Dense ORM PPO", *BEYOND_THE_PAPER]
 
 
 def compose_sweep_job(sweep: str, overrides: list[str]) -> ExperimentConfig:
@@ -71,14 +73,19 @@ def test_every_job_of_every_sweep_composes_at_every_scale(sweep, model):
             assert cfg.model.max_seq_len == (640 if cfg.init.name.value == "pretrained" else 384)
         else:
             assert cfg.task.name == "gsm8k" and cfg.task.n_train is None
-    expected = {"sft_table": SFT_TABLE, "pretrained_table": PRETRAINED_TABLE,
-                "sample_complexity": ["EI", "Sparse PPO"], "ei_rounds": ["EI", "EI"]}[sweep]  # fmt: skip
+    expected = {"sft_table": SFT_TABLE, "pretrained_table": PRETRAINED_TABLE, "ei_rounds": ["EI", "EI"],
+                "sample_complexity": ["EI", "Sparse PPO", *BEYOND_THE_PAPER]}[sweep]  # fmt: skip
     assert rows == expected
 
 
 def test_the_figure_sweeps_evaluate_along_the_way():
     ppo = compose_sweep_job("sample_complexity", ["model=tiny", "task=arith", "row=sparse_ppo", "init=sft"])
     assert ppo.algo.eval_every == 2 and ppo.algo.steps == 8  # conf/curve/ppo.yaml, conf/scale/tiny_ppo.yaml
+    for row in ("grpo", "rloo", "dr_grpo"):  # conf/curve/<algo>.yaml, and tiny PPO's samples drawn per step
+        job = compose_sweep_job("sample_complexity", ["model=tiny", "task=arith", f"row={row}", "init=sft"])
+        assert job.algo.name == row and job.algo.eval_every == 2
+        assert job.algo.steps * job.algo.rollout_questions * job.algo.num_samples == 8 * 32 * 4 == (
+            ppo.algo.steps * ppo.algo.rollout_questions * ppo.algo.num_samples)  # fmt: skip
     ei = compose_sweep_job("ei_rounds", ["model=7b", "row=ei", "init=pretrained"])
     assert ei.algo.rounds == 4 and ei.algo.eval_init
 

@@ -48,9 +48,16 @@ ROWS = {
     ("ppo", "dense"): "Dense PPO",
     ("ppo", "orm"): "Sparse ORM PPO",
     ("ppo", "orm_dense"): "Dense ORM PPO",
+    # beyond the paper (algos/grpo.py); other rewards fall back to "<algo> <reward>", after these
+    ("grpo", "sparse"): "GRPO",
+    ("rloo", "sparse"): "RLOO",
+    ("dr_grpo", "sparse"): "Dr. GRPO",
 }
 ROW_ORDER = ["SFT", "Prompted", "EI", "ORM EI", "Dense ORM EI", "RCRL", "ORM RCRL", "Sparse PPO", "Dense PPO",
-             "Sparse ORM PPO", "Dense ORM PPO"]  # fmt: skip
+             "Sparse ORM PPO", "Dense ORM PPO", "GRPO", "RLOO", "Dr. GRPO"]  # fmt: skip
+# algo -> the metric of samples drawn so far (the sample-complexity figure's x-axis); GRPO's options share one prefix
+SAMPLES_DRAWN = {"ei": "train/ei_samples_drawn", "ppo": "train/ppo_samples_drawn", "grpo": "train/grpo_samples_drawn",
+                 "rloo": "train/grpo_samples_drawn", "dr_grpo": "train/grpo_samples_drawn"}  # fmt: skip
 
 # The paper's GSM8K test results (Havrilla et al. 2024, tables 1 and 2; DESIGN.md), maj@1, maj@K, rerank@K, pass@K
 # for Llama-2 7B and 13B. K = 96 from the SFT init; K = n from the pretrained init.
@@ -255,9 +262,9 @@ def write_report(
             path.write_text(text)
             written[path.name] = path
         sections.append(f"## {caption}\n\n{to_markdown(table)}")
-    curves = metric_curves(tracking_uri, runs, {"ei": "train/ei_samples_drawn", "ppo": "train/ppo_samples_drawn"})
+    curves = metric_curves(tracking_uri, runs, SAMPLES_DRAWN)
     written["sample_complexity.png"] = plot_curves(
-        curves, "samples", out / "sample_complexity.png", "Sample complexity: EI vs PPO", "samples drawn"
+        curves, "samples", out / "sample_complexity.png", "Sample complexity: EI, PPO and beyond", "samples drawn"
     )
     ei_curves = curves[curves["row"].str.contains("EI")] if not curves.empty else curves
     written["ei_rounds.png"] = plot_curves(ei_curves, "step", out / "ei_rounds.png", "Expert Iteration", "round")
