@@ -157,9 +157,11 @@ def from_environment(device: torch.device) -> DataParallel:
 
 
 def _export_slurm_tasks() -> None:
-    """Inside a submitit job of several tasks (``hydra.launcher.tasks_per_node``): set torch's variables from it."""
+    """Inside a submitit job of several tasks (``hydra.launcher.tasks_per_node``): set torch's variables from it.
+    Slurm's view wins over any of them the job inherited from the shell that submitted it (sbatch exports that
+    shell's environment, e.g. a ``LOCAL_WORLD_SIZE`` or ``MASTER_ADDR`` left there by another tool)."""
     if int(os.environ.get("SLURM_NTASKS", "1")) <= 1 or os.environ.get("SUBMITIT_EXECUTOR") != "slurm":
         return
     import submitit
 
-    submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+    submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
