@@ -39,15 +39,21 @@ def default_partition() -> tuple[str | None, str]:
     return None, f"no default partition is up with a usable node: {info.stdout.strip()!r}"
 
 
-@pytest.mark.slow
-def test_a_two_job_multirun_runs_on_slurm_and_lands_in_mlflow(tmp_path):
-    import mlflow
-
+def usable_partition() -> str:
+    """The default partition; without one the test skips saying why, and fails under CI (CI=true)."""
     partition, reason = default_partition()
     if partition is None:
         if os.environ.get("CI") == "true":
             pytest.fail(f"CI must run the Slurm test, but {reason}")
         pytest.skip(reason)
+    return partition
+
+
+@pytest.mark.slow
+def test_a_two_job_multirun_runs_on_slurm_and_lands_in_mlflow(tmp_path):
+    import mlflow
+
+    partition = usable_partition()
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"  # the jobs run on this machine's node: the file is shared
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "HF_HUB_OFFLINE": "1", "REASONING_RL_THREADS": "1"}
     command = [
@@ -78,11 +84,7 @@ def test_a_two_task_slurm_job_is_one_data_parallel_run(tmp_path):
     and 1 (reasoning_rl/distributed.py), and they run one EI job into one MLflow run."""
     import mlflow
 
-    partition, reason = default_partition()
-    if partition is None:
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"CI must run the Slurm test, but {reason}")
-        pytest.skip(reason)
+    partition = usable_partition()
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "HF_HUB_OFFLINE": "1", "REASONING_RL_THREADS": "1"}
     command = [

@@ -67,6 +67,7 @@ from reasoning_rl.algos.ppo import (
     pack_rollouts,
     question_batches,
     rollout_logprob_gap,
+    sample_groups,
     score_samples,
     select_rows,
     weight_push_metrics,
@@ -251,18 +252,8 @@ def run(ctx: RunContext) -> EvalResult:
         # 1. sample K solutions per question from the current policy (each rank: its shard of the questions, so
         #    whole groups)
         questions = data_parallel.shard(next(batches))
-        grouped = ctx.sampler(
-            model,
-            tokenizer,
-            [ctx.build_prompt(p.question) for p in questions],
-            sampling,
-            num_samples=cfg.num_samples,
-            seed=seed + 1000 * step + 1,
-            batch_size=ctx.cfg.model.sample_batch_size,
-            progress=f"{cfg.name} step {step}: sample",
-        )
-        problems = [p for p, group in zip(questions, grouped, strict=True) for _ in group]
-        samples = [s for group in grouped for s in group]
+        problems, samples = sample_groups(ctx, questions, sampling, cfg.num_samples, seed + 1000 * step + 1,
+                                          f"{cfg.name} step {step}: sample")  # fmt: skip
         samples_drawn += len(samples) * data_parallel.world_size
         sampled = time.perf_counter()
 

@@ -184,6 +184,25 @@ def forward(
 # ----------------------------------------------------------------------------------------- phases 2 and 3
 
 
+def sample_groups(
+    ctx: RunContext, questions: Sequence[Problem], sampling: SamplingParams, num_samples: int, seed: int, progress: str
+) -> tuple[list[Problem], list[Sample]]:
+    """Phase 1: ``num_samples`` solutions per question from the current policy, through the run's sampler, flattened
+    with each sample's problem beside it (a question's samples adjacent)."""
+    grouped = ctx.sampler(
+        ctx.model,
+        ctx.tokenizer,
+        [ctx.build_prompt(p.question) for p in questions],
+        sampling,
+        num_samples=num_samples,
+        seed=seed,
+        batch_size=ctx.cfg.model.sample_batch_size,
+        progress=progress,
+    )
+    problems = [p for p, group in zip(questions, grouped, strict=True) for _ in group]
+    return problems, [s for group in grouped for s in group]
+
+
 def score_samples(
     ctx: RunContext, cfg: PPOConfig | GRPOConfig, problems: Sequence[Problem], samples: Sequence[Sample]
 ) -> tuple[list[torch.Tensor], list[bool]]:
@@ -525,18 +544,8 @@ def run(ctx: RunContext) -> EvalResult:
         started = time.perf_counter()
         # 1. sample K solutions per question from the current policy (each rank: its shard of the questions)
         questions = data_parallel.shard(next(batches))
-        grouped = ctx.sampler(
-            model,
-            tokenizer,
-            [ctx.build_prompt(p.question) for p in questions],
-            sampling,
-            num_samples=cfg.num_samples,
-            seed=seed + 1000 * step + 1,
-            batch_size=ctx.cfg.model.sample_batch_size,
-            progress=f"PPO step {step}: sample",
-        )
-        problems = [p for p, group in zip(questions, grouped, strict=True) for _ in group]
-        samples = [s for group in grouped for s in group]
+        problems, samples = sample_groups(ctx, questions, sampling, cfg.num_samples, seed + 1000 * step + 1,
+                                          f"PPO step {step}: sample")  # fmt: skip
         samples_drawn += len(samples) * data_parallel.world_size
         sampled = time.perf_counter()
 
