@@ -23,8 +23,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from test_grpo import hand_made_groups
-from test_ppo import TINY as PPO_TINY
-from test_ppo import hand_made_batch
+from test_ppo import hand_made_batch, scaled_tiny_model
 
 from reasoning_rl.algos.grpo import group_relative_advantages, grpo_update
 from reasoning_rl.algos.ppo import check_divisible, fit_value_head, ppo_update
@@ -62,16 +61,6 @@ def test_ppo_refuses_a_step_or_minibatch_the_ranks_cannot_split_evenly():
 # ------------------------------------------------------------------------------- real processes, gloo
 
 
-def scaled_tiny_model(config: ModelConfig, vocab_size: int) -> torch.nn.Module:
-    """As in test_ppo.py: matrices scaled up 8x, so the next-token distribution depends on the context."""
-    model = build_tiny_model(config, vocab_size, seed=0)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.mul_(8)
-    return model
-
-
 def finetune_step(data_parallel: DataParallel) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """The weights before and after one AdamW step of SFT on the 8 examples in micro-batches of 2 (each rank: its
     4 of them)."""
@@ -88,7 +77,7 @@ def ppo_step(data_parallel: DataParallel) -> tuple[dict[str, torch.Tensor], dict
     """The weights before and after the critic warm-up fit and one PPO minibatch update (plain SGD) on the
     hand-made 4-row batch: rows {0, 2} on rank 0 and {1, 3} on rank 1, a minibatch of 2 rows per rank."""
     tok = build_tiny_tokenizer()
-    model = scaled_tiny_model(PPO_TINY, len(tok))
+    model = scaled_tiny_model(len(tok))
     batch, value_head = hand_made_batch(model, tok)
     rows = torch.tensor(data_parallel.shard(range(4)))
     local = {k: v[rows] for k, v in batch.items()}
@@ -111,7 +100,7 @@ def grpo_step(data_parallel: DataParallel) -> tuple[dict[str, torch.Tensor], dic
     two questions' groups of 4: the questions are sharded, so each rank holds one whole group and its advantages
     are computed there; each rank's sequence losses are divided by the 8 sequences of both ranks."""
     tok = build_tiny_tokenizer()
-    model = scaled_tiny_model(PPO_TINY, len(tok))
+    model = scaled_tiny_model(len(tok))
     questions = data_parallel.shard([("Q: 2+3\nA:\n", [1.2, 0.2, 0.2, 0.2]), ("Q: 1+1\nA:\n", [1.0, 1.0, 0.0, 0.0])])
     batch = hand_made_groups(model, tok, questions, reference=copy.deepcopy(model))
     cfg = GRPOConfig(loss_norm=LossNorm.token_sum, scale_by_std=False, max_new_tokens=32, grad_clip=1e9)

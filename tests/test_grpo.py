@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
-from test_ppo import TINY, run_main, runs_of
+from test_ppo import TINY, run_main, runs_of, scaled_tiny_model
 
 from reasoning_rl.algos import grpo
 from reasoning_rl.algos.grpo import accumulate_gradients, group_relative_advantages, grpo_update
@@ -182,13 +182,8 @@ def tokenizer():
 
 @pytest.fixture(scope="module")
 def model(tokenizer):
-    """A tiny random Llama with its matrices scaled up 8x (as in test_ppo.py), so log-probs depend on the context."""
-    model = build_tiny_model(TINY, len(tokenizer), seed=0)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.mul_(8)
-    return model.eval()
+    """A tiny random Llama with its matrices scaled up 8x (test_ppo.py), so log-probs depend on the context."""
+    return scaled_tiny_model(len(tokenizer))
 
 
 PROMPT = "Q: 2+3\nA:\n"

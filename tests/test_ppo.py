@@ -44,16 +44,20 @@ def tokenizer():
     return build_tiny_tokenizer()
 
 
-@pytest.fixture(scope="module")
-def model(tokenizer):
+def scaled_tiny_model(vocab_size: int) -> torch.nn.Module:
     """A tiny random Llama with its matrices scaled up 8x, so that its next-token distribution depends on the context
     (at the default init it is nearly uniform, and a misaligned log-prob would look right)."""
-    model = build_tiny_model(TINY, len(tokenizer), seed=0)
+    model = build_tiny_model(TINY, vocab_size, seed=0)
     with torch.no_grad():
         for p in model.parameters():
             if p.dim() == 2:
                 p.mul_(8)
     return model.eval()
+
+
+@pytest.fixture(scope="module")
+def model(tokenizer):
+    return scaled_tiny_model(len(tokenizer))
 
 
 def hand_made_batch(model, tokenizer, micro_batch_size: int = 2):
