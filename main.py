@@ -10,8 +10,8 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from reasoning_rl.app import check_output_dirs, run_cli, run_job
 from reasoning_rl.config import register_configs
+from reasoning_rl.launch.app import check_output_dirs, run_cli, run_job
 
 PROJECT_ROOT = Path(__file__).resolve().parent
 

@@ -29,7 +29,7 @@ MAX_NEW_TOKENS = 256  # algo.max_new_tokens / eval.max_new_tokens / orm.max_new_
 PROMPT_TAIL_TOKENS = 200  # a GSM8K prompt past its few-shot exemplars ("Question: ...\nAnswer:\n"): the longest of 500
 #   train questions is 183 tokens (SmolLM2's tokenizer; Llama-2's, not measured here, splits digits alike)
 EXEMPLAR_TOKENS = 900  # init=pretrained's 4 exemplars, shared by every prompt of a call (~800-900 tokens, SmolLM2's)
-VLLM_CONTEXT = 4096  # vLLM's max_model_len = Llama-2's max_position_embeddings (rollout_vllm.py): one sequence of it
+VLLM_CONTEXT = 4096  # vLLM's max_model_len = Llama-2's max_position_embeddings (vllm_engine.py): one sequence of it
 #   must fit in the KV cache or the engine does not start
 
 
@@ -79,7 +79,7 @@ class Llama:
 
     @property
     def fused_sampler_bytes(self) -> int:
-        """The native fast sampler concatenates q/k/v and gate/up of its bf16 copy once per call (rollout_fast)."""
+        """The native fast sampler concatenates q/k/v and gate/up of its bf16 copy once per call (continuous.py)."""
         h, i = self.hidden, self.intermediate
         return self.layers * 2 * (3 * h * h + 2 * h * i)
 
@@ -135,7 +135,7 @@ def min_vllm_utilization(m: Llama) -> float:
 
 
 def native_kv(m: Llama) -> float:
-    """rollout_fast: each of the sample_batch_size slots has its own cache of max_new_tokens, each live prompt one of
+    """continuous.py: each of the sample_batch_size slots has its own cache of max_new_tokens, each live prompt one of
     its tail (at most one prompt per slot: K = 1, the greedy maj@1 pass), and the exemplars are cached once."""
     tokens = m.sample_batch_size * (MAX_NEW_TOKENS + PROMPT_TAIL_TOKENS) + EXEMPLAR_TOKENS
     return tokens * m.kv_bytes_per_token
@@ -263,8 +263,8 @@ def check_activations() -> None:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from reasoning_rl.algos.sft import TokenizedExample, summed_token_loss
-    from reasoning_rl.packing import collate_packed, packed_attention
+    from reasoning_rl.training.finetune import TokenizedExample, summed_token_loss
+    from reasoning_rl.training.packing import collate_packed, packed_attention
 
     h, i, a, v, t = 256, 688, 4, 1000, 200  # t differs from every weight dimension, so weights and activations part
     weight_shapes = {(h, h), (h, i), (i, h), (v, h), (h, v)}

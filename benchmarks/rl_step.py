@@ -1,11 +1,11 @@
 """Wall time of one EI round and one PPO step per rollout engine, split into sampling / weight push / scoring /
 training, with peak memory.
 
-Runs the real pipeline (``experiment.run_experiment``, the config composed by Hydra from ``conf/``) for one EI
+Runs the real pipeline (``launch.pipeline.run_experiment``, the config composed by Hydra from ``conf/``) for one EI
 round and for one PPO step with ``rollout=native`` and/or ``rollout=vllm``, and times each phase by wrapping the
 functions the algorithm's loop calls (the same functions, timed, nothing replaced):
 
-- sampling: the run's sampler (``ctx.sampler``, what ``experiment.make_sampler`` built), called from the loop;
+- sampling: the run's sampler (``ctx.sampler``, what ``launch.pipeline.make_sampler`` built), called from the loop;
 - weight push: the seconds the vLLM engine spent loading the policy's new weights (``VLLMSampler.push_seconds``),
   taken out of the sampler call that paid them (0 for the native sampler, which reads the policy in place);
 - EI: ``grade`` (scoring), ``finetune`` (training on D_1);
@@ -62,13 +62,14 @@ from hydra import compose, initialize_config_dir
 # benchmarks/sampling.py: `python benchmarks/rl_step.py` puts this folder on sys.path
 from sampling import cpu_description
 
-from reasoning_rl import experiment, rollout
 from reasoning_rl.algos import ei, ppo
+from reasoning_rl.algos.context import RunContext
 from reasoning_rl.config import register_configs, to_experiment
-from reasoning_rl.prompts import STOP_STRINGS
-from reasoning_rl.rollout import SamplingParams
-from reasoning_rl.run_context import RunContext
-from reasoning_rl.tracking import NullTracker
+from reasoning_rl.launch import pipeline as experiment
+from reasoning_rl.rollout import native as rollout
+from reasoning_rl.rollout.sampler import SamplingParams
+from reasoning_rl.run.tracking import NullTracker
+from reasoning_rl.tasks.prompts import STOP_STRINGS
 
 REPO = Path(__file__).resolve().parents[1]
 ONE_OFF, SAMPLING, PUSH, EVALUATION = "engine start (one-off)", "sampling", "weight push", "evaluation"

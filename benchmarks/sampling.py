@@ -1,4 +1,4 @@
-"""Sampling throughput: our sampler (reasoning_rl.rollout.generate) beside transformers' `model.generate` and vLLM.
+"""Sampling throughput: our sampler (rollout.native.generate) beside transformers' `model.generate` and vLLM.
 
 All run in the same process on the same model, prompts and sampling settings, alternated; large fp32 and bf16
 matmuls measured in the same run say how fast the machine was at the time. "% of ... ceiling" is the sampler's
@@ -6,7 +6,7 @@ useful matmul work per second (2 x the parameters of every linear layer, lm_head
 that measured matmul rate; the CPU's model and its bf16 flags (AMX, AVX512-BF16: bf16 in hardware, else emulated)
 are printed first. Tokens counted are generated tokens up to and including EOS (no padding, nothing after EOS).
 ``--plain`` adds our plain batched path (``generate(..., fast=False)``), the reference the fast path replaced.
-``--vllm`` adds the ``rollout=vllm`` engine (``reasoning_rl.rollout_vllm.VLLMSampler``, ``--vllm-dtype``,
+``--vllm`` adds the ``rollout=vllm`` engine (``reasoning_rl.rollout.vllm_engine.VLLMSampler``, ``--vllm-dtype``,
 ``--vllm-eager``): its first call (engine build, compile, weight push) runs once on the same prompts and is timed
 apart; every timed call starts from an empty prefix cache (within a call the K samples share the prompt's blocks,
 as our sampler shares its prefill). ``--no-baseline`` leaves transformers' `generate` out (slow at 128 rows).
@@ -47,11 +47,12 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from reasoning_rl.config import DType, ModelConfig, ModelSource, RolloutConfig, RolloutName
-from reasoning_rl.models import load_policy, resolve_device
-from reasoning_rl.prompts import build_prompt, pick_exemplars
-from reasoning_rl.rollout import SamplingParams, eos_token_ids, generate
-from reasoning_rl.rollout_vllm import VLLMSampler  # imports vLLM itself only when an engine is built
+from reasoning_rl.models.loading import load_policy, resolve_device
+from reasoning_rl.rollout.native import generate
+from reasoning_rl.rollout.sampler import SamplingParams, eos_token_ids
+from reasoning_rl.rollout.vllm_engine import VLLMSampler  # imports vLLM itself only when an engine is built
 from reasoning_rl.tasks.gsm8k import read_gsm8k_jsonl
+from reasoning_rl.tasks.prompts import build_prompt, pick_exemplars
 
 REPO = Path(__file__).resolve().parents[1]
 MODELS = {

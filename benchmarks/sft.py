@@ -1,11 +1,11 @@
-"""SFT training throughput: our fine-tuning loop (reasoning_rl.algos.sft.finetune) beside a plain transformers Trainer.
+"""SFT training throughput: our fine-tuning loop (training.finetune.finetune) beside a plain transformers Trainer.
 
 Both train a fresh copy of the same model on the same GSM8K (prompt, reference solution) examples, tokenized the same
 way, with the same optimizer batch (``--batch-size`` sequences in micro-batches of ``--micro-batch-size``), learning
 rate and number of optimizer steps (one pass over the examples), alternated in the same process. The Trainer is the
 plain one: random micro-batches padded to their longest sequence (``DataCollatorForSeq2Seq``), the model's own loss
 over the full (B, T, V) logits. Ours packs each micro-batch's sequences end to end into one row (no padding;
-attention runs within each sequence, reasoning_rl/packing.py) and computes logits only at target positions;
+attention runs within each sequence, reasoning_rl/training/packing.py) and computes logits only at target positions;
 ``--padded`` adds a run of ours with padded micro-batches instead (sorted by length, so padding less than the
 Trainer's), which shows what packing alone gains. Tokens/s counts real tokens (prompt + solution + EOS, no padding);
 "% of ceiling" is the loop's useful matmul work per second (6 x the weights of the decoder's linear layers per real
@@ -63,14 +63,14 @@ from transformers import (
     TrainingArguments,
 )
 
-from reasoning_rl.algos.sft import FinetuneParams, finetune, tokenize_examples
 from reasoning_rl.config import DType, ModelConfig, ModelSource
-from reasoning_rl.lora import LoraParams
-from reasoning_rl.models import load_policy, resolve_device
-from reasoning_rl.precision import TORCH_DTYPES, cpu_computes_bf16, dtype_name, resolve_compute_dtype
-from reasoning_rl.prompts import format_question
+from reasoning_rl.models.loading import load_policy, resolve_device
+from reasoning_rl.run.tracking import NullTracker
 from reasoning_rl.tasks.gsm8k import read_gsm8k_jsonl
-from reasoning_rl.tracking import NullTracker
+from reasoning_rl.tasks.prompts import format_question
+from reasoning_rl.training.finetune import FinetuneParams, finetune, tokenize_examples
+from reasoning_rl.training.lora import LoraParams
+from reasoning_rl.training.precision import TORCH_DTYPES, cpu_computes_bf16, dtype_name, resolve_compute_dtype
 
 REPO = Path(__file__).resolve().parents[1]
 MODELS = {

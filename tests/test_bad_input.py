@@ -72,10 +72,10 @@ def run_dir_of(tmp: Path, args: list[str]) -> Path:
     """The run directory main.py keys this case's config to (checkpointing.run_key), computed as app.run_job does."""
     from hydra import compose, initialize_config_dir
 
-    from reasoning_rl.app import tracking_uri
-    from reasoning_rl.checkpointing import run_key
     from reasoning_rl.config import register_configs, to_experiment
-    from reasoning_rl.experiment import resolve_paths
+    from reasoning_rl.launch.app import tracking_uri
+    from reasoning_rl.launch.pipeline import resolve_paths
+    from reasoning_rl.run.checkpointing import run_key
 
     register_configs()
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
@@ -87,7 +87,7 @@ def run_dir_of(tmp: Path, args: list[str]) -> Path:
 @contextmanager
 def interrupted_run(tmp: Path, args: list[str]) -> Iterator[None]:
     """The state an interrupted run of this config leaves: its MLflow run id, not finished."""
-    from reasoning_rl.checkpointing import STATE_FILE
+    from reasoning_rl.run.checkpointing import STATE_FILE
 
     run_dir = run_dir_of(tmp, args)
     run_dir.mkdir(parents=True)
@@ -394,7 +394,7 @@ CASES = [
         ],
         ["only 0 of 8 arith train problems avoid the test questions"],
     ),
-    # The model loaders' checks (models.py).
+    # The model loaders' checks (models/loading.py).
     Case(
         "`model.source=local model.path=/nowhere`",
         ["model.source=local", "model.path={tmp}/no_model"],
@@ -534,10 +534,10 @@ def case_args(case: Case, tmp: Path) -> list[str]:
 @pytest.fixture(scope="module")
 def outcomes(tmp_path_factory) -> dict[str, tuple[int, str, Path]]:
     """Every case's exit status, output and directory. Up to PARALLEL cases run at once, each in its own directory."""
-    import mlflow.store.tracking.sqlalchemy_store  # noqa: F401 (imported once here, as reasoning_rl.app and torch
+    import mlflow.store.tracking.sqlalchemy_store  # noqa: F401 (imported once here, as reasoning_rl.launch.app and torch
     import torch  # are, so that every forked case starts warm: the SQLite store alone takes ~3 s to import)
 
-    import reasoning_rl.app  # noqa: F401
+    import reasoning_rl.launch.app  # noqa: F401
 
     results: dict[str, tuple[int, str, Path]] = {}
     running: dict[int, tuple[Case, Path, ExitStack]] = {}

@@ -16,7 +16,9 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-from reasoning_rl.checkpointing import (
+from reasoning_rl.config import register_configs, to_experiment
+from reasoning_rl.launch.pipeline import resolve_paths, run_experiment
+from reasoning_rl.run.checkpointing import (
     Checkpointer,
     ResumedTracker,
     RunBusyError,
@@ -26,9 +28,7 @@ from reasoning_rl.checkpointing import (
     split_tensors,
     stop_if_not_finite,
 )
-from reasoning_rl.config import register_configs, to_experiment
-from reasoning_rl.experiment import resolve_paths, run_experiment
-from reasoning_rl.tracking import MLflowTracker, NullTracker
+from reasoning_rl.run.tracking import MLflowTracker, NullTracker
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -1,4 +1,4 @@
-"""Data parallelism inside one job (reasoning_rl/distributed.py), with real processes over gloo.
+"""Data parallelism inside one job (reasoning_rl/training/distributed.py), with real processes over gloo.
 
 The mechanism: every rank takes its shard of a global batch, divides its summed token losses by the global token
 count, and the gradients are summed over the ranks. Two processes must then take the update one process takes on
@@ -27,11 +27,11 @@ from test_ppo import hand_made_batch, scaled_tiny_model
 
 from reasoning_rl.algos.grpo import group_relative_advantages, grpo_update
 from reasoning_rl.algos.ppo import check_divisible, fit_value_head, ppo_update
-from reasoning_rl.algos.sft import FinetuneParams, finetune
 from reasoning_rl.config import ConfigError, GRPOConfig, LossNorm, ModelConfig, ModelSource, PPOConfig
-from reasoning_rl.distributed import SINGLE, DataParallel
-from reasoning_rl.models import build_tiny_model, build_tiny_tokenizer
-from reasoning_rl.tracking import NullTracker
+from reasoning_rl.models.loading import build_tiny_model, build_tiny_tokenizer
+from reasoning_rl.run.tracking import NullTracker
+from reasoning_rl.training.distributed import SINGLE, DataParallel
+from reasoning_rl.training.finetune import FinetuneParams, finetune
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -221,7 +221,7 @@ def test_orm_ei_twice_reuses_the_sft_and_orm_stages(runs, tmp_path, stage_cache)
     overrides = [*[o for o in EI_WITH_ORM if not o.startswith(("algo.rounds", "algo.n_questions", "eval.k"))],
                  *small_ei]  # fmt: skip
     run_main(overrides, uri, tmp_path / "first", stage_cache)
-    # resume=false: the same config again would otherwise be reported as finished (checkpointing.py), not rerun
+    # resume=false: the same config again would otherwise be reported as finished (run/checkpointing.py), not rerun
     run_main([*overrides, "resume=false"], uri, tmp_path / "second", stage_cache)
     client = mlflow.tracking.MlflowClient(tracking_uri=uri)
     first, second = client.search_runs(
@@ -286,7 +286,7 @@ def test_init_baselines_sweep_runs_both_rows(tmp_path):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     client = mlflow.tracking.MlflowClient(tracking_uri=uri)
     found = client.search_runs([client.get_experiment_by_name("reasoning-rl").experiment_id])
-    (parent,) = [r for r in found if r.data.tags.get("sweep") == "parent"]  # the multirun's parent (sweep.py)
+    (parent,) = [r for r in found if r.data.tags.get("sweep") == "parent"]  # the multirun's parent (launch/sweep.py)
     runs = [r for r in found if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
     assert sorted(r.data.tags["init"] for r in runs) == ["pretrained", "sft"]
     assert parent.data.tags["sweep/axes"] == "init" and all(r.data.tags["sweep/job"] in ("0", "1") for r in runs)

@@ -11,12 +11,13 @@ import pytest
 import torch
 
 from reasoning_rl.config import EvalConfig, ModelConfig, ModelSource
-from reasoning_rl.evaluation import evaluate, metric_names, score_problem, summarize, voted_answer
-from reasoning_rl.metrics import within_question_auc
-from reasoning_rl.models import build_tiny_model, build_tiny_tokenizer
-from reasoning_rl.prompts import STOP_STRINGS, build_prompt
-from reasoning_rl.rollout import Sample, SamplingParams, generate
+from reasoning_rl.models.loading import build_tiny_model, build_tiny_tokenizer
+from reasoning_rl.rollout.native import generate
+from reasoning_rl.rollout.sampler import Sample, SamplingParams
+from reasoning_rl.scoring.evaluation import evaluate, metric_names, score_problem, summarize, voted_answer
+from reasoning_rl.scoring.metrics import within_question_auc
 from reasoning_rl.tasks import Problem
+from reasoning_rl.tasks.prompts import STOP_STRINGS, build_prompt
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -157,8 +158,8 @@ def test_summarize_averages_over_problems():
 
 
 class LengthReranker:
-    """A real :class:`~reasoning_rl.evaluation.Reranker`: prefers longer completions, and keeps the prompts it was
-    given."""
+    """A real :class:`~reasoning_rl.scoring.evaluation.Reranker`: prefers longer completions, and keeps the prompts
+    it was given."""
 
     def __init__(self) -> None:
         self.prompts: list[str] = []

@@ -15,6 +15,7 @@ from hydra import compose, initialize_config_dir
 from test_ppo import TINY, run_main, runs_of, scaled_tiny_model
 
 from reasoning_rl.algos import grpo
+from reasoning_rl.algos.context import RunContext
 from reasoning_rl.algos.grpo import accumulate_gradients, group_relative_advantages, grpo_update
 from reasoning_rl.algos.grpo_math import (
     group_advantages,
@@ -26,7 +27,6 @@ from reasoning_rl.algos.grpo_math import (
     zero_variance_fraction,
 )
 from reasoning_rl.algos.ppo import evaluate_rollouts, pack_rollouts
-from reasoning_rl.checkpointing import Checkpointer
 from reasoning_rl.config import (
     ArithTaskConfig,
     Baseline,
@@ -43,11 +43,11 @@ from reasoning_rl.config import (
     register_configs,
     to_experiment,
 )
-from reasoning_rl.models import build_tiny_model, build_tiny_tokenizer
-from reasoning_rl.rollout import Sample
-from reasoning_rl.run_context import RunContext
+from reasoning_rl.models.loading import build_tiny_model, build_tiny_tokenizer
+from reasoning_rl.rollout.sampler import Sample
+from reasoning_rl.run.checkpointing import Checkpointer
+from reasoning_rl.run.tracking import NullTracker
 from reasoning_rl.tasks import Problem, generate_arith
-from reasoning_rl.tracking import NullTracker
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

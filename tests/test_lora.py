@@ -10,10 +10,17 @@ from peft.tuners.lora import LoraLayer
 from test_ppo import history, run_main, runs_of
 from test_rollout_fast import MODELS, PROMPTS, scaled_llama
 
-from reasoning_rl.algos.orm import OutcomeRewardModel, summed_outcome_loss
+from reasoning_rl.algos.orm import summed_outcome_loss
 from reasoning_rl.algos.ppo import evaluate_rollouts, new_value_head, pack_rollouts, ppo_update
 from reasoning_rl.algos.ppo_math import gae
-from reasoning_rl.algos.sft import (
+from reasoning_rl.config import ConfigError, ModelConfig, ModelSource, PPOConfig
+from reasoning_rl.models.loading import build_tiny_model, build_tiny_tokenizer
+from reasoning_rl.models.outcome_reward import OutcomeRewardModel
+from reasoning_rl.rollout.native import generate
+from reasoning_rl.rollout.sampler import Sample, SamplingParams
+from reasoning_rl.run.tracking import NullTracker
+from reasoning_rl.scoring.rewards import sparse_rewards
+from reasoning_rl.training.finetune import (
     IGNORE_INDEX,
     FinetuneParams,
     collate,
@@ -21,8 +28,7 @@ from reasoning_rl.algos.sft import (
     summed_token_loss,
     tokenize_examples,
 )
-from reasoning_rl.config import ConfigError, ModelConfig, ModelSource, PPOConfig
-from reasoning_rl.lora import (
+from reasoning_rl.training.lora import (
     TARGET_MODULES,
     LoraParams,
     adapters_disabled,
@@ -30,10 +36,6 @@ from reasoning_rl.lora import (
     merge_adapters,
     merged_weights,
 )
-from reasoning_rl.models import build_tiny_model, build_tiny_tokenizer
-from reasoning_rl.rewards import sparse_rewards
-from reasoning_rl.rollout import Sample, SamplingParams, generate
-from reasoning_rl.tracking import NullTracker
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from reasoning_rl.metrics import majority_vote, pass_at_k, pass_at_k_ladder, rerank_pick, within_question_auc
+from reasoning_rl.scoring.metrics import majority_vote, pass_at_k, pass_at_k_ladder, rerank_pick, within_question_auc
 
 
 def test_majority_vote_counts_and_breaks_ties_by_first_occurrence():

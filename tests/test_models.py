@@ -11,9 +11,9 @@ import torch
 from conftest import skip_or_fail
 from transformers import AutoTokenizer
 
-from reasoning_rl import models
 from reasoning_rl.config import ModelConfig, ModelSource
-from reasoning_rl.models import (
+from reasoning_rl.models import loading as models
+from reasoning_rl.models.loading import (
     ModelLoadError,
     build_tiny_model,
     build_tiny_tokenizer,

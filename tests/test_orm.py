@@ -8,15 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from reasoning_rl.algos.context import RunContext, training_questions
 from reasoning_rl.algos.ei import orm_keep
-from reasoning_rl.algos.orm import (
-    OutcomeRewardModel,
-    heldout_metrics,
-    orm_questions,
-    split_questions,
-    summed_outcome_loss,
-)
-from reasoning_rl.algos.sft import FinetuneParams, collate, finetune, tokenize_examples
+from reasoning_rl.algos.orm import heldout_metrics, orm_questions, split_questions, summed_outcome_loss
 from reasoning_rl.config import (
     ArithTaskConfig,
     ConfigError,
@@ -33,11 +27,12 @@ from reasoning_rl.config import (
     RewardName,
     SFTInitConfig,
 )
-from reasoning_rl.metrics import roc_auc
-from reasoning_rl.models import load_policy
-from reasoning_rl.run_context import RunContext, training_questions
+from reasoning_rl.models.loading import load_policy
+from reasoning_rl.models.outcome_reward import OutcomeRewardModel
+from reasoning_rl.run.tracking import NullTracker
+from reasoning_rl.scoring.metrics import roc_auc
 from reasoning_rl.tasks import Problem, TaskSplits
-from reasoning_rl.tracking import NullTracker
+from reasoning_rl.training.finetune import FinetuneParams, collate, finetune, tokenize_examples
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -8,8 +8,11 @@ import pytest
 import torch
 from test_rollout_fast import MODELS, scaled_llama
 
-from reasoning_rl.algos.orm import OutcomeRewardModel, summed_outcome_loss
-from reasoning_rl.algos.sft import (
+from reasoning_rl.algos.orm import summed_outcome_loss
+from reasoning_rl.models.loading import build_tiny_tokenizer
+from reasoning_rl.models.outcome_reward import OutcomeRewardModel
+from reasoning_rl.run.tracking import NullTracker
+from reasoning_rl.training.finetune import (
     IGNORE_INDEX,
     FinetuneParams,
     TokenizedExample,
@@ -18,10 +21,8 @@ from reasoning_rl.algos.sft import (
     summed_token_loss,
     tokenize_examples,
 )
-from reasoning_rl.lora import LoraParams
-from reasoning_rl.models import build_tiny_tokenizer
-from reasoning_rl.packing import collate_packed, packed_attention
-from reasoning_rl.tracking import NullTracker
+from reasoning_rl.training.lora import LoraParams
+from reasoning_rl.training.packing import collate_packed, packed_attention
 
 # different lengths (11 to 25 tokens), so the padded batch has padding and the packed row several spans
 EXAMPLES = [("Q: 1+2\n", "1+2=3\n#### 3"), ("Q: 10+20\n", "#### 30"), ("Q:\n", "5"), ("Q: 7\n", "7*1=7\n#### 7")]

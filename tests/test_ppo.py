@@ -26,9 +26,10 @@ from reasoning_rl.algos.ppo import (
 )
 from reasoning_rl.algos.ppo_math import explained_variance, gae, masked_whiten
 from reasoning_rl.config import ConfigError, ModelConfig, ModelSource, PPOConfig, register_configs, to_experiment
-from reasoning_rl.models import build_tiny_model, build_tiny_tokenizer
-from reasoning_rl.rewards import sparse_rewards
-from reasoning_rl.rollout import Sample, SamplingParams, generate
+from reasoning_rl.models.loading import build_tiny_model, build_tiny_tokenizer
+from reasoning_rl.rollout.native import generate
+from reasoning_rl.rollout.sampler import Sample, SamplingParams
+from reasoning_rl.scoring.rewards import sparse_rewards
 from reasoning_rl.tasks import Problem
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -261,7 +262,7 @@ def runs_of(tmp: Path):
     client = mlflow.tracking.MlflowClient(tracking_uri=f"sqlite:///{tmp / 'mlflow.db'}")
     runs = client.search_runs([client.get_experiment_by_name("reasoning-rl").experiment_id])
     assert runs and all(r.info.status == "FINISHED" for r in runs)
-    return client, [r for r in runs if r.data.tags.get("sweep") != "parent"]  # a multirun's parent run (sweep.py)
+    return client, [r for r in runs if r.data.tags.get("sweep") != "parent"]  # a multirun's parent run (launch/sweep.py)
 
 
 def history(client, run, name: str) -> dict[int, float]:

@@ -8,15 +8,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from reasoning_rl import precision
-from reasoning_rl.algos.sft import FinetuneParams, finetune, summed_token_loss, tokenize_examples
 from reasoning_rl.config import DType, ModelConfig, ModelSource
-from reasoning_rl.models import build_tiny_model, build_tiny_tokenizer, load_policy
-from reasoning_rl.packing import collate_packed, packed_attention
-from reasoning_rl.precision import CPU_BF16_FLAGS, Precision, cpuinfo_flags, resolve_compute_dtype
-from reasoning_rl.rollout import CastSampler, SamplingParams, generate
+from reasoning_rl.models.loading import build_tiny_model, build_tiny_tokenizer, load_policy
+from reasoning_rl.rollout.native import CastSampler, generate
+from reasoning_rl.rollout.sampler import SamplingParams
+from reasoning_rl.run.tracking import NullTracker
 from reasoning_rl.tasks.arith import generate_arith
-from reasoning_rl.tracking import NullTracker
+from reasoning_rl.training import precision
+from reasoning_rl.training.finetune import FinetuneParams, finetune, summed_token_loss, tokenize_examples
+from reasoning_rl.training.packing import collate_packed, packed_attention
+from reasoning_rl.training.precision import CPU_BF16_FLAGS, Precision, cpuinfo_flags, resolve_compute_dtype
 
 TINY = ModelConfig(name="tiny", source=ModelSource.tiny)
 CPU = torch.device("cpu")

@@ -13,6 +13,7 @@ import torch
 from transformers import AutoTokenizer, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from reasoning_rl.algos import ei, rcrl
+from reasoning_rl.algos.context import RunContext
 from reasoning_rl.algos.rcrl import (
     BAD,
     GOOD,
@@ -26,7 +27,6 @@ from reasoning_rl.algos.rcrl import (
     step_success_rates,
     success_rate,
 )
-from reasoning_rl.algos.sft import tokenize_examples
 from reasoning_rl.config import (
     ArithTaskConfig,
     EvalConfig,
@@ -40,11 +40,12 @@ from reasoning_rl.config import (
     RewardName,
     SFTInitConfig,
 )
-from reasoning_rl.models import build_tiny_model, build_tiny_tokenizer
-from reasoning_rl.rollout import SamplingParams, generate
-from reasoning_rl.run_context import RunContext
+from reasoning_rl.models.loading import build_tiny_model, build_tiny_tokenizer
+from reasoning_rl.rollout.native import generate
+from reasoning_rl.rollout.sampler import SamplingParams
+from reasoning_rl.run.tracking import NullTracker
 from reasoning_rl.tasks import Problem, generate_arith, step_prefixes
-from reasoning_rl.tracking import NullTracker
+from reasoning_rl.training.finetune import tokenize_examples
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

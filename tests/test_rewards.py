@@ -8,8 +8,8 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
-from reasoning_rl.models import build_tiny_tokenizer
-from reasoning_rl.rewards import (
+from reasoning_rl.models.loading import build_tiny_tokenizer
+from reasoning_rl.scoring.rewards import (
     dense_rewards,
     matched_steps,
     orm_dense_rewards,

@@ -11,8 +11,11 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from reasoning_rl.config import ModelConfig, ModelSource
-from reasoning_rl.models import TINY_EOS_ID, build_tiny_model, build_tiny_tokenizer
-from reasoning_rl.rollout import BufferedLayer, SamplingParams, generate, new_cache, sample_next_token
+from reasoning_rl.models.loading import TINY_EOS_ID, build_tiny_model, build_tiny_tokenizer
+from reasoning_rl.rollout.kv_cache import BufferedLayer, new_cache
+from reasoning_rl.rollout.native import generate
+from reasoning_rl.rollout.next_token import sample_next_token
+from reasoning_rl.rollout.sampler import SamplingParams
 
 PROMPTS = ["Question: 1+2?\nAnswer:", "Hi there", "What is 12 minus 7 plus 3? Think.\nAnswer:", "a"]
 MAX_POS = 96

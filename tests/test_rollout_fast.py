@@ -13,17 +13,12 @@ import torch
 from test_rollout import chi2_critical, chi2_statistic, full_forward_logprobs
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
-from reasoning_rl import rollout_fast
-from reasoning_rl.models import TINY_BOS_ID, TINY_EOS_ID, TINY_PAD_ID, build_tiny_tokenizer
-from reasoning_rl.rollout import (
-    MULTINOMIAL_MAX_VOCAB,
-    SamplingParams,
-    chosen_logprob,
-    generate,
-    inverse_cdf_sample,
-    sample_next_token,
-)
-from reasoning_rl.rollout_fast import merge_attention, partial_attention, supports_fast_path
+from reasoning_rl.models.loading import TINY_BOS_ID, TINY_EOS_ID, TINY_PAD_ID, build_tiny_tokenizer
+from reasoning_rl.rollout import continuous
+from reasoning_rl.rollout.continuous import merge_attention, partial_attention, supports_fast_path
+from reasoning_rl.rollout.native import generate
+from reasoning_rl.rollout.next_token import MULTINOMIAL_MAX_VOCAB, chosen_logprob, inverse_cdf_sample, sample_next_token
+from reasoning_rl.rollout.sampler import SamplingParams
 
 # Prompts of different lengths: the prefix table holds prompts padded to the longest.
 PROMPTS = ["Question: 1+2?\nAnswer:", "Hi there", "What is 12 minus 7 plus 3? Think.\nAnswer:", "a", "xyz 42"]
@@ -110,7 +105,7 @@ def test_attention_split_into_prefix_and_suffix_equals_one_softmax(fused: bool, 
     """The step's two partial attentions, merged by their log-sum-exps, equal one softmax over all keys, on both the
     fused CPU kernel and the plain-matmul fallback (masked keys included)."""
     if not fused:
-        monkeypatch.setattr(rollout_fast, "_CPU_FLASH", None)
+        monkeypatch.setattr(continuous, "_CPU_FLASH", None)
     gen = torch.Generator().manual_seed(0)
     q = torch.randn(5, 2, 3, 8, generator=gen)
     k, v = torch.randn(5, 2, 11, 8, generator=gen), torch.randn(5, 2, 11, 8, generator=gen)

@@ -20,8 +20,7 @@ from test_rollout import chi2_critical, chi2_statistic
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from reasoning_rl.config import DType, ModelConfig, ModelSource, RolloutConfig, RolloutName
-from reasoning_rl.lora import LoraParams, attach_adapters
-from reasoning_rl.models import (
+from reasoning_rl.models.loading import (
     TINY_EOS_ID,
     build_tiny_model,
     build_tiny_tokenizer,
@@ -29,9 +28,11 @@ from reasoning_rl.models import (
     load_policy,
     save_checkpoint,
 )
-from reasoning_rl.prompts import STOP_STRINGS, build_prompt, pick_exemplars
-from reasoning_rl.rollout import SamplingParams, generate
+from reasoning_rl.rollout.native import generate
+from reasoning_rl.rollout.sampler import SamplingParams
 from reasoning_rl.tasks.gsm8k import read_gsm8k_jsonl
+from reasoning_rl.tasks.prompts import STOP_STRINGS, build_prompt, pick_exemplars
+from reasoning_rl.training.lora import LoraParams, attach_adapters
 
 GSM8K = Path(__file__).resolve().parents[2] / "shared" / "data" / "gsm8k"
 CPU = torch.device("cpu")
@@ -46,7 +47,7 @@ def needs_vllm() -> None:
 
 
 def make_sampler(tmp_path: Path, dtype: DType = DType.float32, max_seq_len: int = 384):  # noqa: ANN201
-    from reasoning_rl.rollout_vllm import VLLMSampler
+    from reasoning_rl.rollout.vllm_engine import VLLMSampler
 
     cfg = RolloutConfig(name=RolloutName.vllm, kv_cache_gib=0.5, enforce_eager=True)
     return VLLMSampler(cfg, dtype=dtype, max_seq_len=max_seq_len, cache_dir=tmp_path, device=CPU, seed=0)
@@ -107,7 +108,7 @@ def test_greedy_fp32_tokens_equal_the_native_sampler(smollm2, smollm2_sampler) -
 def test_logprobs_equal_the_trainers_after_an_optimizer_step(smollm2, smollm2_sampler) -> None:
     """After one AdamW step on the trainer's copy, the next call pushes the weights: vLLM's log-probs of its own
     samples equal the trainer's (1e-4, fp32), and they moved. SmolLM2 ties its output layer to the embeddings,
-    the case where a push needs the output layer re-packed (rollout_vllm._repack_tied_lm_head)."""
+    the case where a push needs the output layer re-packed (vllm_engine._repack_tied_lm_head)."""
     model, tokenizer = smollm2
     model = copy.deepcopy(model)  # a copy to train: the fixture's model stays as loaded
     prompts = gsm8k_prompts(2)

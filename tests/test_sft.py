@@ -7,7 +7,11 @@ import copy
 import pytest
 import torch
 
-from reasoning_rl.algos.sft import (
+from reasoning_rl.config import ModelConfig, ModelSource
+from reasoning_rl.models.loading import build_tiny_model, build_tiny_tokenizer
+from reasoning_rl.run.checkpointing import Checkpointer
+from reasoning_rl.run.tracking import NullTracker
+from reasoning_rl.training.finetune import (
     IGNORE_INDEX,
     FinetuneParams,
     TokenizedExample,
@@ -17,11 +21,7 @@ from reasoning_rl.algos.sft import (
     summed_token_loss,
     tokenize_examples,
 )
-from reasoning_rl.checkpointing import Checkpointer
-from reasoning_rl.config import ModelConfig, ModelSource
-from reasoning_rl.lora import LoraParams
-from reasoning_rl.models import build_tiny_model, build_tiny_tokenizer
-from reasoning_rl.tracking import NullTracker
+from reasoning_rl.training.lora import LoraParams
 
 TINY = ModelConfig(
     name="tiny",

@@ -81,7 +81,7 @@ def test_a_two_job_multirun_runs_on_slurm_and_lands_in_mlflow(tmp_path):
 @pytest.mark.slow
 def test_a_two_task_slurm_job_is_one_data_parallel_run(tmp_path):
     """hydra.launcher.tasks_per_node=2: Slurm starts the job's two tasks, submitit's environment makes them ranks 0
-    and 1 (reasoning_rl/distributed.py), and they run one EI job into one MLflow run."""
+    and 1 (reasoning_rl/training/distributed.py), and they run one EI job into one MLflow run."""
     import mlflow
 
     partition = usable_partition()

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from reasoning_rl.config import ModelConfig
-from reasoning_rl.stages import cached_stage, stage_key
-from reasoning_rl.tracking import NullTracker
+from reasoning_rl.run.stages import cached_stage, stage_key
+from reasoning_rl.run.tracking import NullTracker
 
 
 class TagRecorder(NullTracker):

@@ -23,7 +23,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
 
 from reasoning_rl.config import ExperimentConfig, register_configs, to_experiment
-from reasoning_rl.sweep import sweep_axes
+from reasoning_rl.launch.sweep import sweep_axes
 
 ROOT = Path(__file__).resolve().parents[1]
 SWEEPS = ["sft_table", "pretrained_table", "sample_complexity", "ei_rounds"]
@@ -269,7 +269,7 @@ def test_orm_rcrl_labels_with_the_ei_rows_policy(model):
     """RCRL's labelling policy is the EI row's: at every scale, the `ei_policy` stage an ORM RCRL job asks for is
     the one the EI job of the same table publishes (same key), trained with the ground-truth reward."""
     from reasoning_rl.algos.ei import ei_policy_inputs
-    from reasoning_rl.stages import stage_key
+    from reasoning_rl.run.stages import stage_key
 
     task = ["task=arith"] if model == "tiny" else []
     ei_job = compose_sweep_job("sft_table", [f"model={model}", *task, "init=sft", "row=ei"])

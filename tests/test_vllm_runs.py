@@ -24,7 +24,7 @@ from learning import pinned_env
 from test_resume import NOT_COMPARED, Job
 
 from reasoning_rl.config import RolloutConfig, RolloutName
-from reasoning_rl.rollout_vllm import engine_error_advice
+from reasoning_rl.rollout.vllm_engine import engine_error_advice
 
 ROOT = Path(__file__).resolve().parents[1]
 EXIT_USER_ERROR = 2
@@ -194,7 +194,7 @@ def openai_gpt_dir(path: Path) -> Path:
     Transformers backend) with the tiny tokenizer, as save_pretrained writes them: a model.source=local model."""
     from transformers import OpenAIGPTConfig, OpenAIGPTLMHeadModel
 
-    from reasoning_rl.models import build_tiny_tokenizer
+    from reasoning_rl.models.loading import build_tiny_tokenizer
 
     tokenizer = build_tiny_tokenizer()
     config = OpenAIGPTConfig(vocab_size=len(tokenizer), n_positions=384, n_embd=32, n_layer=1, n_head=2)

@@ -36,7 +36,7 @@ class ModelSource(str, Enum):
 
 class DType(str, Enum):
     auto = "auto"  # bfloat16 where the hardware computes in it (CUDA with bf16, a CPU with AMX or AVX512-BF16), else
-    #   float32 (reasoning_rl/precision.py)
+    #   float32 (reasoning_rl/training/precision.py)
     float32 = "float32"
     bfloat16 = "bfloat16"
     float16 = "float16"
@@ -81,8 +81,8 @@ class LossNorm(str, Enum):
 
 
 class RolloutName(str, Enum):
-    native = "native"  # our sampler (reasoning_rl/rollout.py): the reference, and the faster one at the tiny scale
-    vllm = "vllm"  # vLLM, in this process (reasoning_rl/rollout_vllm.py): the engine other RL frameworks use
+    native = "native"  # our sampler (reasoning_rl/rollout/): the reference, and the faster one at the tiny scale
+    vllm = "vllm"  # vLLM, in this process (reasoning_rl/rollout/vllm_engine.py): the engine other RL frameworks use
 
 
 class LoggerName(str, Enum):
@@ -107,7 +107,7 @@ class ModelConfig:
     gradient_checkpointing: bool = False  # fine-tuning (SFT, EI, RCRL, the ORM) recomputes activations in the
     #   backward pass: less memory, ~30% more time; the same updates
     lora_rank: int = 0  # > 0: every training loop trains LoRA adapters of this rank (peft) on the decoder's
-    #   projections instead of all weights, and merges them when it ends (reasoning_rl/lora.py); 0 = full fine-tuning
+    #   projections instead of all weights, and merges them when it ends (training/lora.py); 0 = full fine-tuning
     lora_alpha: float = 16.0  # LoRA's update is (lora_alpha / lora_rank) B A
     lora_dropout: float = 0.0  # dropout on the adapters' input while training
     # Size of the `tiny` model (ignored for other sources). Defaults give ~0.9M parameters.

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from reasoning_rl.sweep import SWEEPS_TAG
+from reasoning_rl.launch.sweep import SWEEPS_TAG
 
 METRICS = {  # column label -> MLflow metric
     "maj@1": "eval/maj_at_1",
@@ -285,7 +285,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from reasoning_rl.sweep import read_sweep_run
+    from reasoning_rl.launch.sweep import read_sweep_run
 
     args = parse_args(argv)
     uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path('mlflow.db').resolve()}"

@@ -12,7 +12,7 @@ Round i = 1 .. algo.rounds:
   5. fine-tune on D_i with cross-entropy, from the initial checkpoint (``algo.reinit_each_round=true``, the
      paper's and STaR's choice, which avoids overfitting to early rounds) or from pi_{i-1}
   6. evaluate pi_i on the test split: the accuracy-vs-round curve of the paper's figure 2, at step i
-  7. checkpoint pi_i, D_i and the counters (``checkpointing.py``): a killed run resumes at round i + 1
+  7. checkpoint pi_i, D_i and the counters (``run/checkpointing.py``): a killed run resumes at round i + 1
 
 Deviations from the paper: K defaults to 4 (the paper's light setting; its table uses 96) and the fine-tuning
 budget is ``algo.epochs`` over D_i rather than a tuned number of steps.
@@ -31,18 +31,18 @@ from pathlib import Path
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from reasoning_rl.algos.sft import finetune
-from reasoning_rl.checkpointing import Checkpointer, stop_if_not_finite
+from reasoning_rl.algos.context import RunContext, evaluate_policy, finetune_params, training_questions
 from reasoning_rl.config import EIConfig, ExperimentConfig, ORMFilter, RewardConfig, RewardName
-from reasoning_rl.evaluation import EvalResult
-from reasoning_rl.metrics import mean
-from reasoning_rl.models import load_checkpoint, save_checkpoint
-from reasoning_rl.prompts import STOP_STRINGS
-from reasoning_rl.rollout import Sample, SamplingParams
-from reasoning_rl.run_context import RunContext, evaluate_policy, finetune_params, training_questions
-from reasoning_rl.stages import cached_stage, init_stage_inputs, plain, sampler_stage_inputs
+from reasoning_rl.models.loading import load_checkpoint, save_checkpoint
+from reasoning_rl.rollout.sampler import Sample, SamplingParams
+from reasoning_rl.run.checkpointing import Checkpointer, stop_if_not_finite
+from reasoning_rl.run.stages import cached_stage, init_stage_inputs, plain, sampler_stage_inputs
+from reasoning_rl.scoring.evaluation import EvalResult
+from reasoning_rl.scoring.metrics import mean
 from reasoning_rl.tasks import Problem, is_correct, operation_signature
 from reasoning_rl.tasks.answers import canonical_answer, extract_answer, format_number, intermediate_results
+from reasoning_rl.tasks.prompts import STOP_STRINGS
+from reasoning_rl.training.finetune import finetune
 
 log = logging.getLogger(__name__)
 

@@ -4,7 +4,7 @@ solutions of its question (beyond the paper: Shao et al. 2024, "DeepSeekMath", s
 
 Step k = 1 .. algo.steps:
   1. sample K = algo.num_samples solutions for each of algo.rollout_questions training questions from pi_{k-1}
-  2. score every generated token with the reward (``rewards.py``: sparse, dense, orm or orm_dense); a solution's
+  2. score every generated token with the reward (``scoring/rewards.py``: sparse, dense, orm or orm_dense); a solution's
      reward R is the sum of its token rewards
   3. one no-grad forward pass over the rollouts: old log-probs and entropy (policy), and reference log-probs (the
      frozen initial policy) when algo.kl_coef > 0
@@ -16,7 +16,7 @@ Step k = 1 .. algo.steps:
      accumulated over micro-batches, then gradient-norm clipping and an AdamW step
   6. log train/grpo_* metrics
   7. evaluate every algo.eval_every steps and after the last step (and the init at step 0)
-  8. checkpoint every ``checkpoint_every`` steps and after the last (``checkpointing.py``); a killed run resumes
+  8. checkpoint every ``checkpoint_every`` steps and after the last (``run/checkpointing.py``); a killed run resumes
      after its last checkpoint
 
 algo=grpo, rloo and dr_grpo are this one loop with different algo.baseline, algo.scale_by_std and algo.loss_norm
@@ -56,6 +56,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
+from reasoning_rl.algos.context import RunContext, evaluate_policy, lora_params, training_questions
 from reasoning_rl.algos.grpo_math import group_advantages, sequence_mean_loss, token_sum_loss, zero_variance_fraction
 from reasoning_rl.algos.ppo import (
     Batch,
@@ -80,13 +81,12 @@ from reasoning_rl.algos.ppo_math import (
     truncated_importance_weights,
 )
 from reasoning_rl.config import GRPOConfig, KLEstimator, LossNorm
-from reasoning_rl.distributed import SINGLE, DataParallel
-from reasoning_rl.evaluation import EvalResult
-from reasoning_rl.lora import attach_adapters, merge_adapters
-from reasoning_rl.precision import FLOAT32, Precision
-from reasoning_rl.prompts import STOP_STRINGS
-from reasoning_rl.rollout import SamplingParams
-from reasoning_rl.run_context import RunContext, evaluate_policy, lora_params, training_questions
+from reasoning_rl.rollout.sampler import SamplingParams
+from reasoning_rl.scoring.evaluation import EvalResult
+from reasoning_rl.tasks.prompts import STOP_STRINGS
+from reasoning_rl.training.distributed import SINGLE, DataParallel
+from reasoning_rl.training.lora import attach_adapters, merge_adapters
+from reasoning_rl.training.precision import FLOAT32, Precision
 
 log = logging.getLogger(__name__)
 

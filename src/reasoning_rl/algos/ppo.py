@@ -3,7 +3,7 @@ section 4.2; Schulman et al. 2017; the language-model recipe of Ziegler et al. 2
 
 Step k = 1 .. algo.steps:
   1. sample algo.num_samples solutions for each of algo.rollout_questions training questions from pi_{k-1}
-  2. score every generated token with the reward (``rewards.py``): sparse, dense, orm or orm_dense
+  2. score every generated token with the reward (``scoring/rewards.py``): sparse, dense, orm or orm_dense
   3. one no-grad forward pass over the rollouts: old log-probs and values (policy and value head), reference
      log-probs (the frozen initial policy), entropy
   4. KL penalty: r_t <- r_t - kl_coef * KL_t, with KL_t the per-token estimate of KL(pi_{k-1} || pi_ref) (k1 or k3)
@@ -14,7 +14,7 @@ Step k = 1 .. algo.steps:
      value head alone instead (least squares on the trunk's features), so the first policy update has a baseline
   7. adapt kl_coef toward kl_target (Ziegler et al.'s controller) when algo.adaptive_kl; log train/ppo_* metrics
   8. evaluate every algo.eval_every steps and after the last step (and the init at step 0)
-  9. checkpoint every ``checkpoint_every`` steps and after the last (``checkpointing.py``); a killed run resumes
+  9. checkpoint every ``checkpoint_every`` steps and after the last (``run/checkpointing.py``); a killed run resumes
      after its last checkpoint
 
 Choices where the paper is silent (it used trlx's PPO):
@@ -28,7 +28,7 @@ Choices where the paper is silent (it used trlx's PPO):
   gives the same update as one large batch.
 - The model stays in eval mode throughout (no dropout), so old and new log-probs agree before the first update.
 - An episode ends at its last generated token (EOS, a stop string or the length limit); nothing is bootstrapped.
-- Log-probs are those of the untempered policy, whatever the rollout temperature (see ``rollout.py``).
+- Log-probs are those of the untempered policy, whatever the rollout temperature (see ``rollout/native.py``).
 - ``whiten_rewards`` scales the task rewards only, before the KL penalty, so kl_coef keeps its meaning.
 
     python main.py algo=ppo reward=sparse init=sft model=tiny task=arith
@@ -52,6 +52,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from reasoning_rl.algos.context import RunContext, evaluate_policy, lora_params, training_questions
 from reasoning_rl.algos.ppo_math import (
     adaptive_kl_coef,
     clipped_policy_loss,
@@ -67,14 +68,10 @@ from reasoning_rl.algos.ppo_math import (
     token_logprobs,
     truncated_importance_weights,
 )
-from reasoning_rl.algos.sft import TokenizedExample, collate
 from reasoning_rl.config import ConfigError, GRPOConfig, KLEstimator, PPOConfig, RewardName
-from reasoning_rl.distributed import SINGLE, DataParallel
-from reasoning_rl.evaluation import EvalResult
-from reasoning_rl.lora import adapters_disabled, attach_adapters, merge_adapters
-from reasoning_rl.precision import FLOAT32, Precision
-from reasoning_rl.prompts import STOP_STRINGS
-from reasoning_rl.rewards import (
+from reasoning_rl.rollout.sampler import Sample, SamplingParams
+from reasoning_rl.scoring.evaluation import EvalResult
+from reasoning_rl.scoring.rewards import (
     dense_rewards,
     orm_dense_rewards,
     orm_rewards,
@@ -82,9 +79,12 @@ from reasoning_rl.rewards import (
     sparse_rewards,
     token_char_ends,
 )
-from reasoning_rl.rollout import Sample, SamplingParams
-from reasoning_rl.run_context import RunContext, evaluate_policy, lora_params, training_questions
 from reasoning_rl.tasks import Problem, is_correct
+from reasoning_rl.tasks.prompts import STOP_STRINGS
+from reasoning_rl.training.distributed import SINGLE, DataParallel
+from reasoning_rl.training.finetune import TokenizedExample, collate
+from reasoning_rl.training.lora import adapters_disabled, attach_adapters, merge_adapters
+from reasoning_rl.training.precision import FLOAT32, Precision
 
 log = logging.getLogger(__name__)
 

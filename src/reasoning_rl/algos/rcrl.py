@@ -17,7 +17,7 @@ goal g_t is a token, [GOOD] or [BAD], that opens each step of the solution.
      init policy's embeddings; the new rows start at the mean of the old ones (transformers' ``mean_resizing``)
   5. fine-tune the init policy (not the EI policy) with cross-entropy on (prompt, solution with its goal tokens)
   6. condition on [GOOD] at test time; the pipeline then evaluates
-A run checkpoints the labelled examples after phase 3 and the policy after phase 5 (``checkpointing.py``); a killed
+A run checkpoints the labelled examples after phase 3 and the policy after phase 5 (``run/checkpointing.py``); a killed
 run resumes from the later of the two.
 
 Choices where the paper is not explicit:
@@ -47,13 +47,14 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from reasoning_rl.algos import ei
-from reasoning_rl.algos.sft import finetune
+from reasoning_rl.algos.context import RunContext, finetune_params, training_questions
 from reasoning_rl.config import RCRLConfig, RewardName
-from reasoning_rl.evaluation import EvalResult
-from reasoning_rl.prompts import STOP_STRINGS
-from reasoning_rl.rollout import Sampler, SamplingParams, generate
-from reasoning_rl.run_context import RunContext, finetune_params, training_questions
+from reasoning_rl.rollout.native import generate
+from reasoning_rl.rollout.sampler import Sampler, SamplingParams
+from reasoning_rl.scoring.evaluation import EvalResult
 from reasoning_rl.tasks import Problem, is_correct, step_prefixes
+from reasoning_rl.tasks.prompts import STOP_STRINGS
+from reasoning_rl.training.finetune import finetune
 
 log = logging.getLogger(__name__)
 

@@ -23,8 +23,7 @@ from pathlib import Path
 import torch
 
 from reasoning_rl.algos import ei, grpo, orm, ppo, rcrl
-from reasoning_rl.algos.sft import finetune
-from reasoning_rl.checkpointing import Checkpointer, checkpoint_bytes
+from reasoning_rl.algos.context import RunContext, evaluate_policy, finetune_params, training_questions
 from reasoning_rl.config import (
     ConfigError,
     DType,
@@ -35,20 +34,22 @@ from reasoning_rl.config import (
     RolloutName,
     SVAMPTaskConfig,
 )
-from reasoning_rl.distributed import SINGLE, DataParallel
-from reasoning_rl.evaluation import EvalResult, write_records
-from reasoning_rl.models import load_checkpoint, load_policy, resolve_device, save_checkpoint
-from reasoning_rl.precision import TORCH_DTYPES, Precision, dtype_name, resolve_compute_dtype
-from reasoning_rl.prompts import build_prompt, pick_exemplars
-from reasoning_rl.rollout import CastSampler, Sampler, generate
-from reasoning_rl.run_context import RunContext, evaluate_policy, finetune_params, training_questions
-from reasoning_rl.stages import cached_stage, init_stage_inputs, progress_dir
+from reasoning_rl.models.loading import load_checkpoint, load_policy, resolve_device, save_checkpoint
+from reasoning_rl.rollout.native import CastSampler, generate
+from reasoning_rl.rollout.sampler import Sampler
+from reasoning_rl.run.checkpointing import Checkpointer, checkpoint_bytes
+from reasoning_rl.run.stages import cached_stage, init_stage_inputs, progress_dir
+from reasoning_rl.run.tracking import Tracker
+from reasoning_rl.scoring.evaluation import EvalResult, write_records
 from reasoning_rl.tasks import load_task
-from reasoning_rl.tracking import Tracker
+from reasoning_rl.tasks.prompts import build_prompt, pick_exemplars
+from reasoning_rl.training.distributed import SINGLE, DataParallel
+from reasoning_rl.training.finetune import finetune
+from reasoning_rl.training.precision import TORCH_DTYPES, Precision, dtype_name, resolve_compute_dtype
 
 log = logging.getLogger(__name__)
 
-# The algorithms that split their sampling and training between the processes of a data-parallel job (distributed.py)
+# The algorithms that split their sampling and training between the processes of a data-parallel job (training/distributed.py)
 DATA_PARALLEL_ALGOS = frozenset({"none", "ei", "ppo", "grpo", "rloo", "dr_grpo"})
 ARTIFACT_SIZE_LIMIT = 50 * 2**20  # checkpoints larger than this are referenced by path, not copied into MLflow
 
@@ -105,7 +106,7 @@ def seed_everything(seed: int) -> None:
 def apply_init(ctx: RunContext) -> Callable[[str], str]:
     """Returns the prompt builder of the init; ``init=sft`` puts the fine-tuned policy in ``ctx.model`` first.
 
-    The SFT checkpoint is a cached stage (``stages.py``): every job with the same model, task, init and seed
+    The SFT checkpoint is a cached stage (``run/stages.py``): every job with the same model, task, init and seed
     shares one, computed by whichever job gets there first.
     """
     cfg = ctx.cfg
@@ -169,7 +170,7 @@ def run_experiment(
     device = resolve_device(cfg.device.value)
     torch.set_num_threads(int(os.environ.get("REASONING_RL_THREADS", torch.get_num_threads())))
     precision = resolve_precision(cfg, device, tracker)
-    tracker.log_params({"processes": data_parallel.world_size})  # the job's data-parallel ranks (distributed.py)
+    tracker.log_params({"processes": data_parallel.world_size})  # the job's data-parallel ranks (training/distributed.py)
 
     # 2. data and model
     splits = load_task(cfg.task)
@@ -211,7 +212,7 @@ def make_sampler(cfg: ExperimentConfig, device: torch.device) -> Sampler:
     vLLM engine for the whole job."""
     if cfg.rollout.name == RolloutName.native:
         return generate if cfg.model.dtype == DType.float32 else CastSampler(TORCH_DTYPES[cfg.model.dtype])
-    from reasoning_rl.rollout_vllm import VLLMSampler, import_vllm  # vLLM is imported by rollout=vllm runs only
+    from reasoning_rl.rollout.vllm_engine import VLLMSampler, import_vllm  # vLLM is imported by rollout=vllm runs only
 
     import_vllm()  # not installed: say so now, before any training
     return VLLMSampler(cfg.rollout, dtype=cfg.rollout.dtype or cfg.model.dtype, max_seq_len=cfg.model.max_seq_len,

@@ -47,7 +47,8 @@ def varlen_attention(
     if bounds is None or query.shape[0] != 1 or attention_mask is not None:
         raise ValueError(
             f"{VARLEN_ATTENTION} attention needs one packed row and its span boundaries (cu_seq_lens_q), with no "
-            "attention mask; call the model on reasoning_rl.packing.collate_packed output, or leave packed_attention"
+            "attention mask; call the model on reasoning_rl.training.packing.collate_packed output, or leave "
+            "packed_attention"
         )
     spans = torch.diff(bounds).tolist()
     outputs = [

@@ -8,12 +8,12 @@ Optimiser: AdamW, linear warm-up then cosine decay to ``lr * min_lr_ratio``, gra
 micro-batches, gradient-norm clipping. The loss of a batch is the mean over all of its target tokens (not the mean
 of micro-batch means), so one batch of 4 and four accumulated micro-batches of 1 give the same update.
 
-Mixed precision (``compute_dtype``, reasoning_rl/precision.py): the forward pass runs under autocast, the weights
+Mixed precision (``compute_dtype``, training/precision.py): the forward pass runs under autocast, the weights
 and AdamW's moments stay float32; float16 adds dynamic loss scaling.
 
-Given a :class:`~reasoning_rl.checkpointing.Checkpointer`, :func:`finetune` saves its whole state (weights, AdamW's
+Given a :class:`~reasoning_rl.run.checkpointing.Checkpointer`, :func:`finetune` saves its whole state (weights, AdamW's
 moments, the schedule, the data order and the RNGs) every ``checkpoint_every`` steps and, called again after a kill,
-continues from the last one to the same weights an uninterrupted run reaches (the SFT stage, ``experiment.py``).
+continues from the last one to the same weights an uninterrupted run reaches (the SFT stage, ``launch/pipeline.py``).
 """
 
 from __future__ import annotations
@@ -29,13 +29,13 @@ import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from reasoning_rl.checkpointing import Checkpointer
 from reasoning_rl.config import ConfigError
-from reasoning_rl.distributed import SINGLE, DataParallel
-from reasoning_rl.lora import LoraParams, attach_adapters, merge_adapters
-from reasoning_rl.packing import collate_packed, forward_kwargs, packed_attention
-from reasoning_rl.precision import Precision
-from reasoning_rl.tracking import Tracker
+from reasoning_rl.run.checkpointing import Checkpointer
+from reasoning_rl.run.tracking import Tracker
+from reasoning_rl.training.distributed import SINGLE, DataParallel
+from reasoning_rl.training.lora import LoraParams, attach_adapters, merge_adapters
+from reasoning_rl.training.packing import collate_packed, forward_kwargs, packed_attention
+from reasoning_rl.training.precision import Precision
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +58,7 @@ class FinetuneParams:
     log_every: int = 10  # optimizer steps between train/ metric logs
     gradient_checkpointing: bool = False  # recompute activations in the backward pass: less memory, ~30% more time
     lora: LoraParams | None = None  # train LoRA adapters (merged into the weights at the end), not every weight
-    pack_sequences: bool = True  # a micro-batch as one row of its sequences end to end, no padding (packing.py)
+    pack_sequences: bool = True  # a micro-batch as one row of its sequences end to end, no padding (training/packing.py)
     compute_dtype: torch.dtype = torch.float32  # the forward pass autocasts to it; the weights stay float32
 
 
@@ -131,8 +131,8 @@ def summed_token_loss(model: PreTrainedModel, batch: dict[str, torch.Tensor]) ->
 
     The output layer runs on the target positions only: prompt and padding positions need no logits, and with a
     49k-token vocabulary the (B, T, V) logits and their gradient were a large share of a step's memory traffic.
-    A packed batch (:func:`~reasoning_rl.packing.collate_packed`, one row of B sequences, inside
-    :func:`~reasoning_rl.packing.packed_attention`) gives the same sum as the padded one (:func:`collate`).
+    A packed batch (:func:`~reasoning_rl.training.packing.collate_packed`, one row of B sequences, inside
+    :func:`~reasoning_rl.training.packing.packed_attention`) gives the same sum as the padded one (:func:`collate`).
     """
     shift_labels = batch["labels"][:, 1:]  # (B, T-1): position t predicts token t+1
     target = shift_labels != IGNORE_INDEX  # (B, T-1)
@@ -165,7 +165,7 @@ def finetune(
     """Fine-tune ``model`` in place on (prompt, completion) pairs; returns summary statistics.
 
     ``data_parallel``: every rank calls this with the same examples; each computes its shard of every batch and the
-    gradients are summed over the ranks (reasoning_rl/distributed.py), so all take the one-process step.
+    gradients are summed over the ranks (reasoning_rl/training/distributed.py), so all take the one-process step.
 
     ``loss_fn(model, batch)`` returns the loss summed over the batch's target tokens (the completion tokens and
     EOS): next-token cross-entropy by default, the ORM's binary cross-entropy for (prompt, completion, outcome).

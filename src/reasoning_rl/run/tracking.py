@@ -60,8 +60,8 @@ def default_tracking_uri(project_root: Path) -> str:
 
 
 class MLflowTracker:
-    """One MLflow run per job; ``run_id`` reopens an existing run (a resumed job, see checkpointing.py);
-    ``parent_run_id`` makes a new run the child of a sweep's parent run (sweep.py)."""
+    """One MLflow run per job; ``run_id`` reopens an existing run (a resumed job, see run/checkpointing.py);
+    ``parent_run_id`` makes a new run the child of a sweep's parent run (launch/sweep.py)."""
 
     def __init__(
         self,

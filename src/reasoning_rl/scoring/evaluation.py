@@ -17,11 +17,19 @@ from typing import Protocol
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from reasoning_rl.config import EvalConfig
-from reasoning_rl.distributed import SINGLE, DataParallel
-from reasoning_rl.metrics import majority_vote, mean, pass_at_k, pass_at_k_ladder, rerank_pick, within_question_auc
-from reasoning_rl.prompts import STOP_STRINGS
-from reasoning_rl.rollout import Sample, Sampler, SamplingParams, generate
+from reasoning_rl.rollout.native import generate
+from reasoning_rl.rollout.sampler import Sample, Sampler, SamplingParams
+from reasoning_rl.scoring.metrics import (
+    majority_vote,
+    mean,
+    pass_at_k,
+    pass_at_k_ladder,
+    rerank_pick,
+    within_question_auc,
+)
 from reasoning_rl.tasks import Problem, answers_match, canonical_answer, extract_answer
+from reasoning_rl.tasks.prompts import STOP_STRINGS
+from reasoning_rl.training.distributed import SINGLE, DataParallel
 
 
 class Reranker(Protocol):

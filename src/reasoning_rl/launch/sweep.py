@@ -32,7 +32,7 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from reasoning_rl.tracking import default_tracking_uri
+from reasoning_rl.run.tracking import default_tracking_uri
 
 log = logging.getLogger(__name__)
 

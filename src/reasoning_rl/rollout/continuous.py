@@ -1,6 +1,6 @@
 """The fast sampling path for Llama-architecture models: shared-prefix attention and continuous batching.
 
-What the profile of the plain path (:class:`reasoning_rl.rollout._Decoder`) showed on SmolLM2-135M with 4-shot
+What the profile of the plain path (:class:`reasoning_rl.rollout.decoder.Decoder`) showed on SmolLM2-135M with 4-shot
 GSM8K prompts (~950 tokens), K = 16, batch 32, one CPU thread: 34 % of the time in attention (SDPA), 51 % in the
 linear layers, 5 % in ``torch.multinomial``. Attention was expensive because every one of a prompt's K copies
 carried its own copy of the prompt's KV cache (~1.1 MB per layer per row), so each step read K times the same ~1,000
@@ -20,13 +20,14 @@ embedding, MLP) so the arithmetic is the model's:
    whole batch, and no step computes rows that have finished.
 3. **Fewer, larger operations.** The q/k/v and gate/up projections are fused into one matmul each (weights
    concatenated once per call), the decode step skips transformers' mask construction and cache bookkeeping, and
-   for large vocabularies sampling draws one uniform number per row (``rollout.inverse_cdf_sample``).
+   for large vocabularies sampling draws one uniform number per row (``rollout.next_token.inverse_cdf_sample``).
 4. **CPU kernels.** Both partial attentions go through PyTorch's fused flash-attention kernel for CPU, which also
    returns the log-sum-exp the merge needs (7% less wall time than matmul / exp / matmul over 4 prompts x 16
    samples x 128 tokens), and every projection and lm_head through oneDNN's packed-weight GEMM, laid out once per
    call for the slot count (1.2-1.3x faster than ``F.linear`` over SmolLM2's weights at 16-128 rows).
 
-``rollout.generate`` takes this path by default for Llama stacks at least ``rollout.FAST_MIN_HIDDEN`` wide.
+``rollout.native.generate`` takes this path by default for Llama stacks at least ``rollout.native.FAST_MIN_HIDDEN``
+wide.
 
 Prefill still runs the model's own forward (transformers' code): on the common prefix, then on the distinct prompts'
 own tokens (right-padded), with the common cache as their past.
@@ -43,7 +44,10 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 from transformers.models.llama.modeling_llama import LlamaAttention, apply_rotary_pos_emb
 
-from reasoning_rl.rollout import Sample, _Decoder, chosen_logprob, new_cache, sample_next_token
+from reasoning_rl.rollout.decoder import Decoder
+from reasoning_rl.rollout.kv_cache import new_cache
+from reasoning_rl.rollout.next_token import chosen_logprob, sample_next_token
+from reasoning_rl.rollout.sampler import Sample
 
 PREFILL_CHUNK = 8  # distinct prompts prefilled together: bounds the prefill's activation memory
 
@@ -351,7 +355,7 @@ class ContinuousBatcher:
     """Decodes a queue of rows (prompt, sample) in ``slots`` slots: finished rows leave at once, waiting rows take
     their place, and a prompt is prefilled when its first row enters."""
 
-    def __init__(self, decoder: _Decoder, prompt_ids: list[list[int]], rows: list[tuple[int, int]], slots: int) -> None:
+    def __init__(self, decoder: Decoder, prompt_ids: list[list[int]], rows: list[tuple[int, int]], slots: int) -> None:
         self.decoder, self.prompt_ids, self.rows, self.slots = decoder, prompt_ids, rows, slots
         params = decoder.params
         # The common prefix keeps at least one token of each prompt out, whose prefill gives the first logits.

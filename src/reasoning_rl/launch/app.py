@@ -18,13 +18,13 @@ from hydra.errors import CompactHydraException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from reasoning_rl.checkpointing import Checkpointer, ResumedTracker, RunDirectory, run_key
 from reasoning_rl.config import ConfigError, ExperimentConfig, LoggerName, to_experiment
-from reasoning_rl.distributed import DataParallel
-from reasoning_rl.models import ModelLoadError
-from reasoning_rl.sweep import job_sweep_tags, join_sweep
+from reasoning_rl.launch.sweep import job_sweep_tags, join_sweep
+from reasoning_rl.models.loading import ModelLoadError
+from reasoning_rl.run.checkpointing import Checkpointer, ResumedTracker, RunDirectory, run_key
+from reasoning_rl.run.tracking import MLflowTracker, NullTracker, Tracker, default_tracking_uri, flatten
 from reasoning_rl.tasks import TaskDataError
-from reasoning_rl.tracking import MLflowTracker, NullTracker, Tracker, default_tracking_uri, flatten
+from reasoning_rl.training.distributed import DataParallel
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +112,7 @@ def open_tracker(cfg: ExperimentConfig, project_root: Path, run_id: str | None =
         return NullTracker()
     tags = run_tags(cfg)
     run_name = cfg.logger.run_name or "-".join(tags[k] for k in ("algo", "reward", "init", "model", "task"))
-    # In a multirun: the sweep's parent run, and this job's value on each of the sweep's axes (sweep.py).
+    # In a multirun: the sweep's parent run, and this job's value on each of the sweep's axes (launch/sweep.py).
     parent_run_id, sweep_tags = job_sweep_tags(HydraConfig.get(), uri) if HydraConfig.initialized() else (None, {})
     from mlflow.exceptions import MlflowException  # imported here: mlflow is slow to import
 
@@ -159,7 +159,7 @@ def join_current_sweep(uri: str | None, run_id: str | None) -> None:
 
 
 def run_job(raw_cfg: DictConfig, project_root: Path) -> float:
-    from reasoning_rl.experiment import resolve_paths  # heavy imports (torch, transformers) after validation
+    from reasoning_rl.launch.pipeline import resolve_paths  # heavy imports (torch, transformers) after validation
 
     try:
         cfg = to_experiment(raw_cfg)
@@ -177,7 +177,7 @@ def run_job(raw_cfg: DictConfig, project_root: Path) -> float:
     if not data_parallel.is_main:
         return run_follower(data_parallel, cfg, uri, base_dir, output_dir)
 
-    # The run is keyed by its config (checkpointing.py): a finished one is reported, an unfinished one resumed.
+    # The run is keyed by its config (run/checkpointing.py): a finished one is reported, an unfinished one resumed.
     try:
         run_dir = RunDirectory(Path(cfg.cache_dir), run_key(cfg, uri))
     except OSError as error:  # not writable, or the same config is running in another process
@@ -190,8 +190,8 @@ def run_job(raw_cfg: DictConfig, project_root: Path) -> float:
 
 def start_data_parallel(cfg: ExperimentConfig) -> DataParallel:
     """This process's rank in a job launched as several (``accelerate launch``, ``torchrun``, Slurm tasks)."""
-    from reasoning_rl.distributed import from_environment
-    from reasoning_rl.models import resolve_device
+    from reasoning_rl.models.loading import resolve_device
+    from reasoning_rl.training.distributed import from_environment
 
     return from_environment(resolve_device(cfg.device.value))
 
@@ -200,7 +200,7 @@ def run_follower(
     data_parallel: DataParallel, cfg: ExperimentConfig, uri: str | None, base_dir: Path, output_dir: Path
 ) -> float:
     """A rank other than 0: it runs the job beside rank 0, which decides whether it resumes, logs and saves."""
-    from reasoning_rl.experiment import run_experiment
+    from reasoning_rl.launch.pipeline import run_experiment
 
     plan = data_parallel.share(None)  # rank 0's: {"finished": ..., "resuming": ..., "maj_at_1": ...}
     if plan["finished"]:
@@ -226,7 +226,7 @@ def run_in(
 ) -> float:
     """Run (or resume, or report) the job whose state lives in ``run_dir``; with several processes, rank 0's part
     (the others run :func:`run_follower`)."""
-    from reasoning_rl.experiment import run_experiment
+    from reasoning_rl.launch.pipeline import run_experiment
 
     hydra_cfg = HydraConfig.get()
     state = run_dir.state

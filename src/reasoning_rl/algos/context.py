@@ -10,19 +10,20 @@ from typing import TYPE_CHECKING
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from reasoning_rl.algos.sft import FinetuneParams
 from reasoning_rl.config import ConfigError, ExperimentConfig, ModelConfig, RewardName
-from reasoning_rl.distributed import SINGLE, DataParallel
-from reasoning_rl.evaluation import EvalResult, evaluate, write_records
-from reasoning_rl.lora import LoraParams
-from reasoning_rl.precision import FLOAT32, Precision
-from reasoning_rl.rollout import Sampler, generate
+from reasoning_rl.rollout.native import generate
+from reasoning_rl.rollout.sampler import Sampler
+from reasoning_rl.run.tracking import Tracker
+from reasoning_rl.scoring.evaluation import EvalResult, evaluate, write_records
 from reasoning_rl.tasks import Problem, TaskSplits
-from reasoning_rl.tracking import Tracker
+from reasoning_rl.training.distributed import SINGLE, DataParallel
+from reasoning_rl.training.finetune import FinetuneParams
+from reasoning_rl.training.lora import LoraParams
+from reasoning_rl.training.precision import FLOAT32, Precision
 
 if TYPE_CHECKING:
-    from reasoning_rl.algos.orm import OutcomeRewardModel
-    from reasoning_rl.checkpointing import Checkpointer
+    from reasoning_rl.models.outcome_reward import OutcomeRewardModel
+    from reasoning_rl.run.checkpointing import Checkpointer
 
 
 @dataclass
@@ -44,7 +45,7 @@ class RunContext:
     checkpoints: Checkpointer | None = None  # saves and restores the algorithm's state (EI, PPO); None = never
     sampler: Sampler = generate  # the rollout engine (rollout=native: ours; rollout=vllm: a VLLMSampler); every
     #   sample of the run is drawn through it
-    data_parallel: DataParallel = SINGLE  # this process's rank among the job's processes (reasoning_rl/distributed.py)
+    data_parallel: DataParallel = SINGLE  # this process's rank among the job's processes (training/distributed.py)
     precision: Precision = FLOAT32  # the compute dtype of every forward pass (model.dtype, resolved for the device)
     orm_question_ids: frozenset[str] = frozenset()  # the training questions the ORM learnt from (orm.disjoint:
     #   ORM-guided training leaves them out, see training_questions)

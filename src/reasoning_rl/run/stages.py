@@ -33,8 +33,8 @@ from typing import Any
 from filelock import FileLock
 
 from reasoning_rl.config import ExperimentConfig
+from reasoning_rl.run.tracking import Tracker
 from reasoning_rl.tasks import Problem
-from reasoning_rl.tracking import Tracker
 
 log = logging.getLogger(__name__)
 

@@ -1,11 +1,11 @@
 """Low-rank adapters (LoRA, through peft) as an option for every training loop.
 
-With ``model.lora_rank > 0`` a loop (SFT and the ORM through :func:`~reasoning_rl.algos.sft.finetune`, EI and RCRL
-through it too, PPO's policy) attaches adapters to the decoder's projections, trains only them (and heads that are
-not part of the language model: the ORM's, PPO's value head), and merges them into the weights when it ends. What a
-loop hands on (to the sampler, the stage cache, the next EI round, the evaluation) is therefore a plain model of the
-same architecture, and checkpoints taken mid-loop hold the adapters beside the frozen weights, so a resumed loop
-attaches them first and then restores.
+With ``model.lora_rank > 0`` a loop (SFT and the ORM through :func:`~reasoning_rl.training.finetune.finetune`, EI
+and RCRL through it too, PPO's policy) attaches adapters to the decoder's projections, trains only them (and heads
+that are not part of the language model: the ORM's, PPO's value head), and merges them into the weights when it
+ends. What a loop hands on (to the sampler, the stage cache, the next EI round, the evaluation) is therefore a
+plain model of the same architecture, and checkpoints taken mid-loop hold the adapters beside the frozen weights,
+so a resumed loop attaches them first and then restores.
 
 What it saves: gradients and AdamW moments exist for the adapters only (rank 8 on SmolLM2-135M: 2.4M values, 1.8%
 of the weights), and PPO's reference policy is the same model with its adapters off instead of a second copy of the
