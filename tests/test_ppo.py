@@ -262,7 +262,7 @@ def runs_of(tmp: Path):
     client = mlflow.tracking.MlflowClient(tracking_uri=f"sqlite:///{tmp / 'mlflow.db'}")
     runs = client.search_runs([client.get_experiment_by_name("reasoning-rl").experiment_id])
     assert runs and all(r.info.status == "FINISHED" for r in runs)
-    return client, [r for r in runs if r.data.tags.get("sweep") != "parent"]  # a multirun's parent run (launch/sweep.py)
+    return client, [r for r in runs if r.data.tags.get("sweep") != "parent"]  # a multirun parent (launch/sweep.py)
 
 
 def history(client, run, name: str) -> dict[int, float]:

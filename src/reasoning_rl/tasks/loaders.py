@@ -1,6 +1,8 @@
 """``load_task``: the task named by a TaskConfig, as train and test problem lists.
 
-Dispatch is by ``cfg.name`` through ``LOADERS``. Each loader returns its task's full splits in a fixed order;
+Dispatch is by the config's schema (its dataclass) through ``LOADERS``, not by its name: a task file of one's own
+(``conf/task/my_gsm.yaml`` naming ``/schema/GSM8KTaskConfig@_here_``, with its own ``name`` and ``data_dir``) loads
+through the GSM8K loader. Each loader returns its task's full splits in a fixed order;
 ``load_task`` then takes subsets the same way for every task: the test split is the first ``n_test`` problems in
 that order (so every run evaluates on the same problems), the train split the first ``n_train`` after a shuffle
 seeded by ``subset_seed`` (so a small train subset is not biased to the start of the file). With ``n_train``
@@ -13,19 +15,19 @@ import random
 from collections.abc import Callable
 from typing import Any
 
-from reasoning_rl.config import TaskConfig
+from reasoning_rl.config import ArithTaskConfig, GSM8KTaskConfig, GSMSymbolicTaskConfig, SVAMPTaskConfig, TaskConfig
 from reasoning_rl.tasks.arith import load_arith
 from reasoning_rl.tasks.gsm8k import load_gsm8k
 from reasoning_rl.tasks.problem import TaskDataError, TaskSplits
 from reasoning_rl.tasks.svamp import load_svamp
 from reasoning_rl.tasks.symbolic import load_gsm_symbolic
 
-# Each loader takes its own TaskConfig subclass (GSM8KTaskConfig, ...), hence Any.
-LOADERS: dict[str, Callable[[Any], TaskSplits]] = {
-    "gsm8k": load_gsm8k,
-    "svamp": load_svamp,
-    "gsm_symbolic": load_gsm_symbolic,
-    "arith": load_arith,
+# Each loader takes its own TaskConfig subclass, hence Any.
+LOADERS: dict[type[TaskConfig], Callable[[Any], TaskSplits]] = {
+    GSM8KTaskConfig: load_gsm8k,
+    SVAMPTaskConfig: load_svamp,
+    GSMSymbolicTaskConfig: load_gsm_symbolic,
+    ArithTaskConfig: load_arith,
 }
 
 
@@ -44,14 +46,17 @@ def subset_splits(splits: TaskSplits, n_train: int | None, n_test: int | None, s
 
 
 def load_task(cfg: TaskConfig) -> TaskSplits:
-    """Load the task ``cfg.name`` and take the configured subsets. Relative paths in ``cfg`` are resolved
-    against the working directory (callers resolve them against the project first).
+    """Load the task ``cfg`` describes (the loader of its schema) and take the configured subsets. Relative paths
+    in ``cfg`` are resolved against the working directory (callers resolve them against the project first).
 
     Unlike ``subset_splits``, it refuses an empty split and a subset larger than its split (a sweep over
     ``task.n_train`` would otherwise run its largest values on one and the same, smaller, training set)."""
-    loader = LOADERS.get(cfg.name)
+    loader = LOADERS.get(type(cfg))
     if loader is None:
-        raise ValueError(f"unknown task {cfg.name!r}; valid tasks: {', '.join(LOADERS)}")
+        schemas = ", ".join(schema.__name__ for schema in LOADERS)
+        raise ValueError(
+            f"unknown task {cfg.name!r} (schema {type(cfg).__name__}); a task's file names one of: {schemas}"
+        )
     splits = loader(cfg)
     for split, problems, key, n in (
         ("train", splits.train, "n_train", cfg.n_train),

@@ -58,7 +58,7 @@ class FinetuneParams:
     log_every: int = 10  # optimizer steps between train/ metric logs
     gradient_checkpointing: bool = False  # recompute activations in the backward pass: less memory, ~30% more time
     lora: LoraParams | None = None  # train LoRA adapters (merged into the weights at the end), not every weight
-    pack_sequences: bool = True  # a micro-batch as one row of its sequences end to end, no padding (training/packing.py)
+    pack_sequences: bool = True  # a micro-batch as one row of its sequences end to end, no padding (packing.py)
     compute_dtype: torch.dtype = torch.float32  # the forward pass autocasts to it; the weights stay float32
 
 
