@@ -32,7 +32,7 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from reasoning_rl.run.tracking import default_tracking_uri
+from reasoning_rl.run.tracking import default_tracking_uri, experiment_id
 
 log = logging.getLogger(__name__)
 
@@ -79,8 +79,7 @@ class MLflowSweepCallback(Callback):
         sweeper_params = OmegaConf.to_container(params, resolve=True) if params is not None else {}
         axes = sweep_axes(list(config.hydra.overrides.task), sweeper_params)  # type: ignore[arg-type]
         client = MlflowClient(tracking_uri=uri)
-        experiment = client.get_experiment_by_name(config.logger.experiment)
-        experiment_id = experiment.experiment_id if experiment else client.create_experiment(config.logger.experiment)
+        experiment = experiment_id(client, config.logger.experiment)
         name = f"sweep {config.hydra.job.config_name} {sweep_dir.name}"
         tags = {
             "sweep": "parent",
@@ -90,7 +89,7 @@ class MLflowSweepCallback(Callback):
             "sweep/overrides": " ".join(config.hydra.overrides.task),
             "sweep/launcher": str(config.hydra.launcher._target_).rsplit(".", 1)[-1],
         }
-        run = client.create_run(experiment_id, run_name=name, tags=tags)
+        run = client.create_run(experiment, run_name=name, tags=tags)
         self.sweep_run = SweepRun(run.info.run_id, uri, axes)
         sweep_dir.mkdir(parents=True, exist_ok=True)
         info = {"run_id": run.info.run_id, "tracking_uri": uri, "axes": list(axes)}

@@ -16,6 +16,29 @@ from typing import Any, Protocol
 log = logging.getLogger(__name__)
 
 MLFLOW_DB_NAME = "mlflow.db"
+# The kind MLflow 3 opens an experiment on: without it the UI opens on its GenAI traces overview, empty for us;
+# custom_model_development opens on the runs (the training runs and a sweep's parent with its children).
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
+
+
+def experiment_id(client: Any, name: str) -> str:
+    """The id of the MLflow experiment ``name`` (``client``: an ``MlflowClient``), created tagged with
+    ``mlflow.experimentKind=custom_model_development``. An existing experiment without a kind (one created before
+    the tag, or by hand) gets the tag; one whose kind a user set is left as it is."""
+    from mlflow.exceptions import MlflowException
+
+    found = client.get_experiment_by_name(name)
+    if found is None:
+        try:
+            return client.create_experiment(name, tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
+        except MlflowException:  # another job of the sweep created it in between
+            found = client.get_experiment_by_name(name)
+            if found is None:
+                raise
+    if EXPERIMENT_KIND_TAG not in found.tags:
+        client.set_experiment_tag(found.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+    return found.experiment_id
 
 
 class Tracker(Protocol):
@@ -76,7 +99,7 @@ class MLflowTracker:
 
         self._mlflow = mlflow
         mlflow.set_tracking_uri(tracking_uri)
-        mlflow.set_experiment(experiment)
+        mlflow.set_experiment(experiment_id=experiment_id(mlflow.tracking.MlflowClient(tracking_uri), experiment))
         if run_id is not None:
             self._run = mlflow.start_run(run_id=run_id, tags=dict(tags))
         else:
