@@ -1,7 +1,7 @@
 """One logging interface for every algorithm, so a training loop never asks whether MLflow is on.
 
 ``open_tracker`` returns an :class:`MLflowTracker` (``logger=mlflow``) or a :class:`NullTracker` (``logger=none``).
-Metric names are namespaced ``train/``, ``eval/``, ``perf/``; the list with meanings is in the README.
+Metric names are namespaced ``train/``, ``eval/``, ``perf/``; the list with meanings is in docs/mlflow.md.
 MLflow rejects ``@`` in names, hence ``eval/maj_at_1`` for maj@1.
 """
 
