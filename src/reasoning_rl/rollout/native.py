@@ -11,11 +11,12 @@ strings and finish reasons, and a sampler we can make faster without fighting ge
 3. Prefill the left-padded prompts with an attention mask and position ids that start at 0 at each prompt's
    first real token, keeping only the last position's logits (the full (B, T, V) logits would not fit).
 4. Decode one token per step with the cache (written in place into a buffer sized for prompt + completion, see
-   :class:`BufferedLayer`). A sequence stops at an EOS token (the tokenizer's and any the model's generation
-   config lists), when its decoded completion contains a stop string (checked on a short decoded tail, so the
-   check costs O(1) per step), or at ``max_new_tokens``. Finished rows are dropped from the batch (cache
-   included) once enough of them accumulate, and the batch ends when every row has stopped. Texts are decoded
-   with ``skip_special_tokens=True``.
+   :class:`~reasoning_rl.rollout.kv_cache.BufferedLayer`). A sequence stops at an EOS token (the tokenizer's and
+   any the model's generation config lists), when its decoded completion contains a stop string (checked on a
+   short decoded tail, so the check costs O(1) per step), or at ``max_new_tokens``. Finished rows are dropped from
+   the batch (cache included) once enough of them accumulate, and the batch ends when every row has stopped. Texts
+   are decoded with ``skip_special_tokens=True``. Steps 3 and 4 are :class:`~reasoning_rl.rollout.decoder.Decoder`;
+   each token is drawn by :func:`~reasoning_rl.rollout.next_token.sample_next_token`.
 
 Plain Llama stacks of width >= ``FAST_MIN_HIDDEN`` (SmolLM2, Llama-2) take the fast path of
 :mod:`reasoning_rl.rollout.continuous` instead of steps 2-4: one shared prefix cache per prompt and continuous batching.
