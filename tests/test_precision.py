@@ -11,7 +11,7 @@ import torch
 from reasoning_rl.config import DType, ModelConfig, ModelSource
 from reasoning_rl.models.loading import build_tiny_model, build_tiny_tokenizer, load_policy
 from reasoning_rl.rollout.native import CastSampler, generate
-from reasoning_rl.rollout.sampler import SamplingParams
+from reasoning_rl.rollout.sampler import SamplingParams, weights_signature
 from reasoning_rl.run.tracking import NullTracker
 from reasoning_rl.tasks.arith import generate_arith
 from reasoning_rl.training import precision
@@ -90,9 +90,13 @@ def test_one_adamw_step_at_lr_1e6_in_bf16_compute_moves_every_weight_with_a_grad
     with_gradient = {n: p.grad.abs() > 1e-6 for n, p in probe.named_parameters()}  # Adam's step there is ~lr
 
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    signature = weights_signature(model)
     params = FinetuneParams(lr=1e-6, epochs=1, batch_size=8, micro_batch_size=8, max_seq_len=256, seed=0,
                             max_steps=1, compute_dtype=torch.bfloat16)  # fmt: skip
     finetune(model, tok, examples, params, NullTracker(), progress=False)
+    # the cast sampler and the vLLM engine see the step through the weights' version counters (fused AdamW does
+    # not bump them)
+    assert weights_signature(model) != signature
     moved_any = 0
     for name, p in model.named_parameters():
         assert p.dtype == torch.float32, name

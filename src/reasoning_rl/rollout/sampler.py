@@ -81,7 +81,12 @@ def fit_prompts(prompt_ids: list[list[int]], max_positions: int | None, max_new_
 
 def weights_signature(model: torch.nn.Module) -> tuple[int, tuple[tuple[int, int], ...]]:
     """Changes whenever the model's weights may have: another model object, another parameter storage, or an
-    in-place write to a parameter (each bumps its tensor's version counter)."""
+    in-place write to a parameter (each bumps its tensor's version counter).
+
+    Not every in-place write does: torch's fused AdamW (``fused=True``) updates the weights without bumping their
+    counters (checked with torch 2.13), and a sampler keyed on this signature then kept serving the old weights (a
+    vLLM run's second step sampled from its first step's weights). The training loops use the default AdamW; a
+    fused optimizer would need ``torch.autograd.graph.increment_version`` on its parameters after each step."""
     return id(model), tuple((p.data_ptr(), p._version) for p in model.parameters())
 
 
