@@ -214,8 +214,8 @@ def time_ours(cfg: ExperimentConfig, warmup: int) -> tuple[Timing, list[str], li
 
 
 def our_adamw_kernel() -> str:
-    """ "fused" or "foreach": the AdamW our loops build (training/optimizer.py's ``adamw``, fused; before it existed
-    the loops built torch's default, foreach), read from an optimizer built the same way."""
+    """Our loops' AdamW kernel, "foreach" or "fused": they build torch's default (foreach) in place; a shared fused
+    ``training/optimizer.adamw`` was tried and dropped (commit 050298c), and is followed here should it return."""
     try:
         from reasoning_rl.training.optimizer import adamw
     except ImportError:
