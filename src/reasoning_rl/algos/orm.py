@@ -35,7 +35,7 @@ from reasoning_rl.models.outcome_reward import OutcomeRewardModel
 from reasoning_rl.rollout.sampler import SamplingParams
 from reasoning_rl.run.checkpointing import Checkpointer
 from reasoning_rl.run.stages import cached_stage, init_stage_inputs, progress_dir, sampler_stage_inputs
-from reasoning_rl.scoring.metrics import mean, roc_auc, within_question_auc
+from reasoning_rl.scoring.metrics import mean, rerank_index, roc_auc, within_question_auc
 from reasoning_rl.tasks import Problem, is_correct
 from reasoning_rl.tasks.prompts import STOP_STRINGS
 from reasoning_rl.training.finetune import IGNORE_INDEX, finetune
@@ -86,7 +86,7 @@ def heldout_metrics(scores: Sequence[float], correct: Sequence[bool], problem_id
         group[0].append(score)
         group[1].append(ok)
     within_auc, pairs = within_question_auc(list(by_question.values()))
-    rerank = mean([float(oks[max(range(len(ss)), key=lambda i: (ss[i], -i))]) for ss, oks in by_question.values()])
+    rerank = mean([float(oks[rerank_index(ss)]) for ss, oks in by_question.values()])  # the pick rerank@K makes
     pass_at_1 = mean([mean([float(ok) for ok in oks]) for _, oks in by_question.values()])
     return {
         "train/orm_heldout_accuracy": mean([(s >= 0.5) == c for s, c in zip(scores, correct, strict=True)]),

@@ -20,14 +20,18 @@ def majority_vote(answers: Sequence[str | None]) -> str | None:
     return next(a for a in answers if a is not None and counts[a] == best)
 
 
+def rerank_index(scores: Sequence[float]) -> int:
+    """The sample rerank@K picks: the highest-scoring one; ties go to the earliest."""
+    return max(range(len(scores)), key=lambda i: (scores[i], -i))
+
+
 def rerank_pick(answers: Sequence[str | None], scores: Sequence[float]) -> str | None:
-    """The answer of the highest-scoring sample (rerank@K); ties go to the earliest sample."""
+    """The answer of the sample :func:`rerank_index` picks (rerank@K)."""
     if len(answers) != len(scores):
         raise ValueError(f"{len(answers)} answers but {len(scores)} scores")
     if not answers:
         return None
-    best = max(range(len(scores)), key=lambda i: (scores[i], -i))
-    return answers[best]
+    return answers[rerank_index(scores)]
 
 
 def pass_at_k(num_samples: int, num_correct: int, k: int) -> float:
