@@ -46,7 +46,7 @@ from transformers.models.llama.modeling_llama import LlamaAttention, apply_rotar
 
 from reasoning_rl.rollout.decoder import Decoder
 from reasoning_rl.rollout.kv_cache import new_cache
-from reasoning_rl.rollout.next_token import chosen_logprob, sample_next_token
+from reasoning_rl.rollout.next_token import draw_step
 from reasoning_rl.rollout.sampler import Sample
 
 PREFILL_CHUNK = 8  # distinct prompts prefilled together: bounds the prefill's activation memory
@@ -443,11 +443,9 @@ class ContinuousBatcher:
             if not live:
                 break
             # 2. sample every live row's next token
-            if params.banned_token_ids:
-                logits = logits.index_fill(-1, banned, float("-inf"))
-            token = sample_next_token(logits, params.temperature, params.top_p, dec.generator)  # (N,)
-            token_logprob = chosen_logprob(logits, token)  # (N,)
-            step_tokens, step_logprobs = torch.stack([token.double(), token_logprob.double()]).tolist()
+            token, step_tokens, step_logprobs = draw_step(
+                logits, banned, params.temperature, params.top_p, dec.generator
+            )  # (N,)
             newly_done = dec._record(live, step_tokens, step_logprobs, tokens, logprobs, finish)
             for r in live:
                 if finish[r] is None and len(tokens[r]) == params.max_new_tokens:

@@ -10,7 +10,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from transformers.cache_utils import Cache
 
 from reasoning_rl.rollout.kv_cache import new_cache
-from reasoning_rl.rollout.next_token import chosen_logprob, sample_next_token
+from reasoning_rl.rollout.next_token import draw_step
 from reasoning_rl.rollout.sampler import Sample, SamplingParams, completion_text
 
 # A batch is dropped to its unfinished rows once this fraction of them has finished: pruning copies the whole KV
@@ -80,12 +80,9 @@ class Decoder:
         finished_live = 0  # rows of `live` that have finished but are still in the batch
         banned = torch.tensor(params.banned_token_ids, dtype=torch.long, device=self.device)
         for step in range(params.max_new_tokens):
-            if params.banned_token_ids:
-                logits = logits.index_fill(-1, banned, float("-inf"))
-            token = sample_next_token(logits, params.temperature, params.top_p, self.generator)  # (B,)
-            token_logprob = chosen_logprob(logits, token)  # (B,)
-            # One device->host copy per step; float64 holds token ids exactly.
-            step_tokens, step_logprobs = torch.stack([token.double(), token_logprob.double()]).tolist()
+            token, step_tokens, step_logprobs = draw_step(
+                logits, banned, params.temperature, params.top_p, self.generator
+            )  # (B,)
             newly_done = self._record(live, step_tokens, step_logprobs, tokens, logprobs, finish)
             if newly_done:  # an update of 0 still redraws the bar: one line per step in a log file
                 bar.update(newly_done)

@@ -42,6 +42,20 @@ def chosen_logprob(logits: torch.Tensor, token: torch.Tensor) -> torch.Tensor:
     return logits.gather(-1, token[:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
 
 
+def draw_step(
+    logits: torch.Tensor, banned: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None
+) -> tuple[torch.Tensor, list[float], list[float]]:
+    """One decode step of every live row from its logits (B, V): banned token ids (``banned``, (n,), may be empty)
+    masked out, then :func:`sample_next_token` and :func:`chosen_logprob`. Returns the drawn tokens (B,), and the
+    tokens and their log-probs as host lists, fetched in one device->host copy (float64 holds token ids exactly)."""
+    if banned.numel():
+        logits = logits.index_fill(-1, banned, float("-inf"))
+    token = sample_next_token(logits, temperature, top_p, generator)  # (B,)
+    token_logprob = chosen_logprob(logits, token)  # (B,)
+    step_tokens, step_logprobs = torch.stack([token.double(), token_logprob.double()]).tolist()
+    return token, step_tokens, step_logprobs
+
+
 SAMPLE_BLOCK = 256  # tokens per block of the two-level inverse-CDF draw
 # Below this vocabulary size one torch.multinomial call is cheaper than the dozen small ops of the inverse-CDF draw.
 MULTINOMIAL_MAX_VOCAB = 4096
