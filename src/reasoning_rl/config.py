@@ -125,6 +125,9 @@ class ModelConfig:
     num_layers: int = 4  # tiny only: transformer blocks
     num_heads: int = 4  # tiny only: attention heads
     intermediate_size: int = 384  # tiny only: MLP width
+    pretrain_steps: int = 0  # tiny only: optimizer steps of next-token pretraining on generated prose about sums
+    #   (tasks/arith.py: generate_arith_corpus), a cached stage run before the init, so that init=pretrained is a
+    #   model that knows the words and the arithmetic but not the task's format; 0 = the random network
 
     def __post_init__(self) -> None:
         if self.source in (ModelSource.hub, ModelSource.local, ModelSource.gguf) and not self.path:
@@ -140,6 +143,11 @@ class ModelConfig:
             raise ConfigError(
                 f"model.hidden_size={self.hidden_size} must be a multiple of model.num_heads={self.num_heads} "
                 "(each attention head gets an equal share of the width)."
+            )
+        if self.pretrain_steps < 0 or (self.pretrain_steps and self.source != ModelSource.tiny):
+            raise ConfigError(
+                f"model.pretrain_steps={self.pretrain_steps} must be >= 0, and above 0 only with model.source=tiny "
+                f"(a real model comes pretrained), but model.source={self.source.value}: set model.pretrain_steps=0."
             )
         if self.lora_rank < 0:
             raise ConfigError(f"model.lora_rank={self.lora_rank} must be >= 0 (0 = no LoRA: train every weight).")

@@ -3,7 +3,8 @@
 The pipeline (``run_experiment``):
   1. resolve paths and check the output directory is writable (fail before any work)
   2. load the task, the policy and its tokenizer
-  3. apply the init: few-shot prompting (``pretrained``) or supervised fine-tuning (``sft``); load or train the
+  3. pretrain the tiny model when ``model.pretrain_steps`` asks for it (a cached stage); apply the init: few-shot
+     prompting (``pretrained``) or supervised fine-tuning (``sft``); load or train the
      ORM when the reward needs it (``reward=orm|orm_dense``) or ``orm.rerank=true``
   4. run the algorithm, looked up by name in ``ALGOS``
   5. evaluate on the test split and log eval/ metrics and the per-problem samples
@@ -38,13 +39,14 @@ from reasoning_rl.models.loading import load_checkpoint, load_policy, resolve_de
 from reasoning_rl.rollout.native import CastSampler, generate
 from reasoning_rl.rollout.sampler import Sampler
 from reasoning_rl.run.checkpointing import Checkpointer, checkpoint_bytes
-from reasoning_rl.run.stages import cached_stage, init_stage_inputs, progress_dir
+from reasoning_rl.run.stages import cached_stage, data_fingerprint, init_stage_inputs, model_stage_inputs, progress_dir
 from reasoning_rl.run.tracking import Tracker
 from reasoning_rl.scoring.evaluation import EvalResult, write_records
 from reasoning_rl.tasks import load_task
+from reasoning_rl.tasks.arith import generate_arith_corpus
 from reasoning_rl.tasks.prompts import build_prompt, pick_exemplars
 from reasoning_rl.training.distributed import SINGLE, DataParallel
-from reasoning_rl.training.finetune import finetune
+from reasoning_rl.training.finetune import FinetuneParams, finetune
 from reasoning_rl.training.precision import TORCH_DTYPES, Precision, dtype_name, resolve_compute_dtype
 
 log = logging.getLogger(__name__)
@@ -101,6 +103,44 @@ def check_writable(directory: Path) -> None:
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     torch.manual_seed(seed)
+
+
+PRETRAIN_CORPUS = {"generator": "generate_arith_corpus", "max_steps": 3, "max_number": 20}  # part of the stage key
+
+
+def apply_pretraining(ctx: RunContext) -> None:
+    """``model.pretrain_steps > 0`` (the tiny model): replace the random network in ``ctx.model`` by one trained on
+    next-token prediction over generated prose about sums (tasks/arith.py), the tiny scale's pretrained model.
+
+    Every weight is trained (no LoRA), at ``model.lr``, on documents that never show the task's format or a test
+    question. A cached stage keyed on the model, the seed and the test questions: every job of a sweep with the same
+    model and seed shares it, and the SFT stage, which keys on the model config, starts from it.
+    """
+    cfg = ctx.cfg
+    steps = cfg.model.pretrain_steps
+    if not steps:
+        return
+    inputs = {"model": model_stage_inputs(cfg), "seed": cfg.seed, "corpus": PRETRAIN_CORPUS,
+              "avoid": data_fingerprint(ctx.splits.test)}  # fmt: skip
+
+    def build(directory: Path) -> None:
+        model = cfg.model
+        corpus = generate_arith_corpus(steps * model.train_batch_size, model.max_seq_len - 2, cfg.seed,
+                                       avoid={p.question for p in ctx.splits.test},
+                                       max_steps=PRETRAIN_CORPUS["max_steps"], max_number=PRETRAIN_CORPUS["max_number"])  # fmt: skip
+        params = FinetuneParams(lr=model.lr, epochs=1, batch_size=model.train_batch_size,
+                                micro_batch_size=model.micro_batch_size, max_seq_len=model.max_seq_len, seed=cfg.seed,
+                                max_steps=steps, compute_dtype=ctx.precision.dtype)  # fmt: skip
+        stats = finetune(ctx.model, ctx.tokenizer, [("", document) for document in corpus], params, ctx.tracker,
+                         metric_prefix="pretrain")  # fmt: skip
+        save_checkpoint(ctx.model, ctx.tokenizer, directory / "model")
+        (directory / "stats.json").write_text(json.dumps(stats))
+
+    stage = cached_stage(Path(cfg.cache_dir), "pretrain", inputs, build, ctx.tracker)
+    if stage.reused:
+        ctx.model, ctx.tokenizer = load_checkpoint(stage.path / "model", ctx.device)
+    stats = json.loads((stage.path / "stats.json").read_text())
+    ctx.tracker.log_metrics({"train/pretrain_final_loss": stats["final_loss"], "train/pretrain_steps": stats["steps"]})
 
 
 def apply_init(ctx: RunContext) -> Callable[[str], str]:
@@ -231,6 +271,7 @@ def run_pipeline(ctx: RunContext) -> dict[str, float]:
             f"{', '.join(sorted(DATA_PARALLEL_ALGOS))}): launch it as one process (python main.py ...)."
         )
     with ctx.data_parallel.main_first():
+        apply_pretraining(ctx)
         ctx.build_prompt = apply_init(ctx)
         if cfg.needs_orm:
             pool = orm.orm_questions(splits.train, cfg.orm.n_questions, cfg.orm.disjoint, cfg.seed)

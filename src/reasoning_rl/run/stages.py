@@ -70,11 +70,21 @@ def data_fingerprint(problems: Sequence[Problem]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
+def model_stage_inputs(cfg: ExperimentConfig) -> dict[str, Any]:
+    """The base model's settings that determine what is computed from it (not how fast: the sampler's batch size,
+    gradient checkpointing). ``pretrain_steps`` enters only when set, so the stages built before it existed keep
+    their keys."""
+    how_to_run = ("sample_batch_size", "gradient_checkpointing")
+    model = {k: v for k, v in plain(cfg.model).items() if k not in how_to_run}
+    if not model["pretrain_steps"]:
+        del model["pretrain_steps"]
+    return model
+
+
 def init_stage_inputs(cfg: ExperimentConfig, train: Sequence[Problem]) -> dict[str, Any]:
     """What determines the init policy (the SFT checkpoint): the base model and its training settings, the
     training problems, the init and the seed. Every stage built from the init policy includes these."""
-    how_to_run = ("sample_batch_size", "gradient_checkpointing")  # not what the stage computes
-    model = {k: v for k, v in plain(cfg.model).items() if k not in how_to_run}
+    model = model_stage_inputs(cfg)
     return {
         "model": model,
         "task": cfg.task.name,

@@ -18,6 +18,8 @@ disjoint (questions may repeat within a split when the space of problems is smal
 from __future__ import annotations
 
 import random
+from collections.abc import Collection
+from dataclasses import dataclass
 
 from reasoning_rl.config import ArithTaskConfig
 from reasoning_rl.tasks.problem import Problem, TaskDataError, TaskSplits, problem_from_reference
@@ -41,33 +43,67 @@ TEMPLATES = {
 MAX_ATTEMPTS = 1000  # redraws of one problem before concluding the settings allow none
 
 
-def generate_arith_problem(
-    rng: random.Random, min_steps: int, max_steps: int, max_number: int, operations: str
-) -> tuple[str, str]:
-    """One (question, reference) pair drawn from ``rng``; raises TaskDataError if the settings admit no problem
-    (only subtraction, with more steps than ``max_number`` allows)."""
+@dataclass(frozen=True)
+class Story:
+    """One drawn problem before it is written out: who, what, the starting amount and each operation."""
+
+    name: str
+    pronoun: str
+    items: str
+    start: int
+    steps: tuple[tuple[str, str, int, int], ...]  # (sentence, operation, operand, result after it)
+
+    def question(self) -> str:
+        sentences = [f"{self.name} has {self.start} {self.items}.", *(s[0] for s in self.steps)]
+        return " ".join([*sentences, f"How many {self.items} does {self.name} have?"])
+
+    def reference(self) -> str:
+        lines, value = [], self.start
+        for _, op, n, result in self.steps:
+            lines.append(f"{value}{op}{n}=<<{value}{op}{n}={result}>>{result}")
+            value = result
+        return "\n".join([*lines, f"#### {value}"])
+
+    def prose(self) -> str:
+        """The story told with its arithmetic inline, the way text outside the task states it: no question, no
+        calculator annotations, no ``####`` (the pretraining corpus)."""
+        sentences, value = [f"{self.name} has {self.start} {self.items}."], self.start
+        for sentence, op, n, result in self.steps:
+            sentences.append(f"{sentence[:-1]}, so {self.pronoun.lower()} has {value}{op}{n}={result}.")
+            value = result
+        return " ".join([*sentences, f"In the end {self.name} has {value} {self.items}."])
+
+
+def draw_story(rng: random.Random, min_steps: int, max_steps: int, max_number: int, operations: str) -> Story:
+    """One story drawn from ``rng``; raises TaskDataError if the settings admit none (only subtraction, with more
+    steps than ``max_number`` allows)."""
     for _ in range(MAX_ATTEMPTS):
         name, pronoun = rng.choice(NAMES)
         items = rng.choice(ITEMS)
-        value = rng.randint(1, max_number)
-        sentences, lines = [f"{name} has {value} {items}."], []
+        value = start = rng.randint(1, max_number)
+        steps = []
         for _ in range(rng.randint(min_steps, max_steps)):
             feasible = [op for op in operations if op != "-" or value >= 1]
             if not feasible:
                 break  # only "-" is allowed and nothing is left: redraw the problem
             op = rng.choice(feasible)
             n = rng.randint(1, min(value, max_number) if op == "-" else max_number)
-            result = value + n if op == "+" else value - n if op == "-" else value * n
-            sentences.append(rng.choice(TEMPLATES[op]).format(p=pronoun, n=n))
-            lines.append(f"{value}{op}{n}=<<{value}{op}{n}={result}>>{result}")
-            value = result
+            value = value + n if op == "+" else value - n if op == "-" else value * n
+            steps.append((rng.choice(TEMPLATES[op]).format(p=pronoun, n=n), op, n, value))
         else:
-            sentences.append(f"How many {items} does {name} have?")
-            return " ".join(sentences), "\n".join([*lines, f"#### {value}"])
+            return Story(name, pronoun, items, start, tuple(steps))
     raise TaskDataError(
         f"no arith problem with {min_steps}..{max_steps} steps of {operations!r} and operands "
         f"up to {max_number}: raise task.max_number or allow '+'"
     )
+
+
+def generate_arith_problem(
+    rng: random.Random, min_steps: int, max_steps: int, max_number: int, operations: str
+) -> tuple[str, str]:
+    """One (question, reference) pair drawn from ``rng`` (see :func:`draw_story`)."""
+    story = draw_story(rng, min_steps, max_steps, max_number, operations)
+    return story.question(), story.reference()
 
 
 def generate_arith(
@@ -105,3 +141,30 @@ def load_arith(cfg: ArithTaskConfig) -> TaskSplits:
     return generate_arith(
         cfg.size_train, cfg.size_test, cfg.min_steps, cfg.max_steps, cfg.max_number, cfg.operations, cfg.seed
     )
+
+
+def generate_arith_corpus(
+    n_documents: int, max_chars: int, seed: int, avoid: Collection[str] = (), max_steps: int = 3, max_number: int = 20
+) -> list[str]:
+    """``n_documents`` pretraining documents for the tiny model: arith stories told as prose with their arithmetic
+    inline (:meth:`Story.prose`), one per line, as many as fit in ``max_chars`` characters.
+
+    This is the tiny scale's stand-in for a language model's pretraining text: it carries the stories' words and
+    the sums, never the task's format (``Question:``, calculator annotations, ``####``), which few-shot prompting
+    then has to convey. Stories whose question is in ``avoid`` (pass the test questions) are redrawn, so the test
+    answers are not in the corpus. A pure function of the arguments.
+    """
+    rng = random.Random(f"arith-corpus/{seed}")
+    avoid = set(avoid)
+    documents: list[str] = []
+    while len(documents) < n_documents:
+        lines: list[str] = []
+        while True:
+            story = draw_story(rng, 1, max_steps, max_number, "+-")
+            if story.question() in avoid:
+                continue
+            if lines and len("\n".join([*lines, story.prose()])) > max_chars:
+                break  # the document is full; the story that did not fit is dropped
+            lines.append(story.prose())
+        documents.append("\n".join(lines))
+    return documents
