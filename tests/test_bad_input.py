@@ -127,6 +127,11 @@ CASES = [
     ),
     Case("`model.lora_rank=-1`", ["model.lora_rank=-1"], ["model.lora_rank=-1 must be >= 0"]),
     Case(
+        "`model=smollm2_135m model.pretrain_steps=10`",
+        ["model=smollm2_135m", "model.pretrain_steps=10"],
+        ["model.pretrain_steps=10 must be >= 0, and above 0 only with model.source=tiny"],
+    ),
+    Case(
         "`model.lora_rank=4 model.lora_alpha=0`",
         ["model.lora_rank=4", "model.lora_alpha=0"],
         ["model.lora_alpha=0.0 must be > 0"],
