@@ -105,7 +105,10 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-PRETRAIN_CORPUS = {"generator": "generate_arith_corpus", "max_steps": 3, "max_number": 20}  # part of the stage key
+# What the pretraining corpus is (part of the stage key): documents of at most max_chars characters, the tiny
+# model's shortest context (384) less BOS and EOS, whatever model.max_seq_len a run has, so that init=sft (384) and
+# init=pretrained (longer, for its few-shot prompts) share one stage: the tiny model has no positional parameters.
+PRETRAIN_CORPUS = {"generator": "generate_arith_corpus", "max_chars": 382, "max_steps": 3, "max_number": 20}
 
 
 def apply_pretraining(ctx: RunContext) -> None:
@@ -113,24 +116,26 @@ def apply_pretraining(ctx: RunContext) -> None:
     next-token prediction over generated prose about sums (tasks/arith.py), the tiny scale's pretrained model.
 
     Every weight is trained (no LoRA), at ``model.lr``, on documents that never show the task's format or a test
-    question. A cached stage keyed on the model, the seed and the test questions: every job of a sweep with the same
-    model and seed shares it, and the SFT stage, which keys on the model config, starts from it.
+    question. A cached stage keyed on the model (less its context length), the seed and the test questions: every
+    job of a sweep with the same model and seed shares it, and the SFT stage, which keys on the model config, starts
+    from it.
     """
     cfg = ctx.cfg
     steps = cfg.model.pretrain_steps
     if not steps:
         return
-    inputs = {"model": model_stage_inputs(cfg), "seed": cfg.seed, "corpus": PRETRAIN_CORPUS,
+    model_inputs = {k: v for k, v in model_stage_inputs(cfg).items() if k != "max_seq_len"}
+    inputs = {"model": model_inputs, "seed": cfg.seed, "corpus": PRETRAIN_CORPUS,
               "avoid": data_fingerprint(ctx.splits.test)}  # fmt: skip
 
     def build(directory: Path) -> None:
-        model = cfg.model
-        corpus = generate_arith_corpus(steps * model.train_batch_size, model.max_seq_len - 2, cfg.seed,
-                                       avoid={p.question for p in ctx.splits.test},
-                                       max_steps=PRETRAIN_CORPUS["max_steps"], max_number=PRETRAIN_CORPUS["max_number"])  # fmt: skip
+        model, corpus_cfg = cfg.model, PRETRAIN_CORPUS
+        corpus = generate_arith_corpus(steps * model.train_batch_size, corpus_cfg["max_chars"], cfg.seed,
+                                       avoid={p.question for p in ctx.splits.test}, max_steps=corpus_cfg["max_steps"],
+                                       max_number=corpus_cfg["max_number"])  # fmt: skip
         params = FinetuneParams(lr=model.lr, epochs=1, batch_size=model.train_batch_size,
-                                micro_batch_size=model.micro_batch_size, max_seq_len=model.max_seq_len, seed=cfg.seed,
-                                max_steps=steps, compute_dtype=ctx.precision.dtype)  # fmt: skip
+                                micro_batch_size=model.micro_batch_size, max_seq_len=corpus_cfg["max_chars"] + 2,
+                                seed=cfg.seed, max_steps=steps, compute_dtype=ctx.precision.dtype)  # fmt: skip
         stats = finetune(ctx.model, ctx.tokenizer, [("", document) for document in corpus], params, ctx.tracker,
                          metric_prefix="pretrain")  # fmt: skip
         save_checkpoint(ctx.model, ctx.tokenizer, directory / "model")
