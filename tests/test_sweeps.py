@@ -52,16 +52,16 @@ def sweep_jobs(sweep: str) -> list[list[str]]:
     return [list(job) for job in itertools.product(*axes)]
 
 
-# Every sweep at the tiny scale (its own scale files) and at the paper's (the options' defaults); the SFT table at
-# every scale. smollm2_135m and 13b compose like 7b (no scale files), so the rest would only repeat it.
-SCALES = [(s, m) for s in SWEEPS for m in ("tiny", "7b")] + [("sft_table", "smollm2_135m"), ("sft_table", "13b")]
+# Every sweep at the tiny and smollm2_135m scales (their own scale files) and at the paper's (the options' defaults);
+# the SFT table at 13b, which composes like 7b (no scale files), so the rest would only repeat it.
+SCALES = [(s, m) for s in SWEEPS for m in ("tiny", "smollm2_135m", "7b")] + [("sft_table", "13b")]
 
 
 @pytest.mark.parametrize("sweep,model", SCALES)
 def test_every_job_of_every_sweep_composes_at_every_scale(sweep, model):
     from reasoning_rl.report import row_name
 
-    task = ["task=arith"] if model == "tiny" else []  # the tiny model only learns the synthetic task
+    task = ["task=arith"] if model in ("tiny", "smollm2_135m") else []  # their tables run on the synthetic task
     rows = []
     for job in sweep_jobs(sweep):
         cfg = compose_sweep_job(sweep, [f"model={model}", *task, *job])
@@ -71,6 +71,13 @@ def test_every_job_of_every_sweep_composes_at_every_scale(sweep, model):
             assert getattr(cfg.algo, "max_new_tokens", 48) == 48
             # conf/scale/init/tiny_pretrained.yaml: room for the 4-shot prompts (~490 characters)
             assert cfg.model.max_seq_len == (640 if cfg.init.name.value == "pretrained" else 384)
+        elif model == "smollm2_135m":  # conf/scale/smollm2_135m*.yaml: K = 16, 500 problems, equal samples drawn
+            assert cfg.eval.k == 16 and cfg.task.n_train == 2000 and cfg.task.n_test == 500
+            assert cfg.orm.n_questions == 300 and cfg.eval.max_new_tokens == 128
+            if cfg.algo.name == "ei":  # the EI-rounds figure runs 4 rounds
+                assert cfg.algo.rounds * cfg.algo.n_questions * cfg.algo.num_samples == 2048 * cfg.algo.rounds // 2
+            elif cfg.algo.name not in ("none", "rcrl"):
+                assert cfg.algo.steps * cfg.algo.rollout_questions * cfg.algo.num_samples == 2048
         else:
             assert cfg.task.name == "gsm8k" and cfg.task.n_train is None
     expected = {"sft_table": SFT_TABLE, "pretrained_table": PRETRAINED_TABLE, "ei_rounds": ["EI", "EI"],
@@ -88,6 +95,18 @@ def test_the_figure_sweeps_evaluate_along_the_way():
             ppo.algo.steps * ppo.algo.rollout_questions * ppo.algo.num_samples)  # fmt: skip
     ei = compose_sweep_job("ei_rounds", ["model=7b", "row=ei", "init=pretrained"])
     assert ei.algo.rounds == 4 and ei.algo.eval_init
+
+
+def test_smollm2_on_gsm8k_uses_the_pilots_sizes_and_shares_the_rcrl_labeller_with_ei():
+    """conf/scale/task/smollm2_135m_gsm8k.yaml and conf/scale/init/smollm2_135m_sft.yaml; RCRL's labeller must have
+    the EI row's settings, or it trains a second EI policy instead of sharing that stage."""
+    cfg = compose_sweep_job("sft_table", ["model=smollm2_135m", "task=gsm8k", "row=sft", "init=sft"])
+    assert (cfg.task.n_train, cfg.task.n_test, cfg.eval.k) == (2000, 500, 16)
+    assert (cfg.init.epochs, cfg.init.lr) == (1, 5e-5)
+    ei = compose_sweep_job("sft_table", ["model=smollm2_135m", "task=arith", "row=ei", "init=sft"]).algo
+    rcrl = compose_sweep_job("sft_table", ["model=smollm2_135m", "task=arith", "row=orm_rcrl", "init=sft"]).algo
+    assert {k: v for k, v in vars(rcrl.ei).items() if k != "eval_init"} == {
+        k: v for k, v in vars(ei).items() if k != "eval_init"}  # fmt: skip
 
 
 def test_a_plain_multirun_over_algo_reward_and_init_is_valid():
