@@ -74,8 +74,8 @@ def test_every_job_of_every_sweep_composes_at_every_scale(sweep, model):
         elif model == "smollm2_135m":  # conf/scale/smollm2_135m*.yaml: K = 16, 500 problems, equal samples drawn
             assert cfg.eval.k == 16 and cfg.task.n_train == 2000 and cfg.task.n_test == 500
             assert cfg.orm.n_questions == 300 and cfg.eval.max_new_tokens == 128
-            if cfg.algo.name == "ei":  # the EI-rounds figure runs 4 rounds
-                assert cfg.algo.rounds * cfg.algo.n_questions * cfg.algo.num_samples == 2048 * cfg.algo.rounds // 2
+            if cfg.algo.name == "ei":  # 1,024 a round: the tables' 2 rounds draw PPO's 2,048 (the figure runs 4)
+                assert cfg.algo.n_questions * cfg.algo.num_samples == 1024
             elif cfg.algo.name not in ("none", "rcrl"):
                 assert cfg.algo.steps * cfg.algo.rollout_questions * cfg.algo.num_samples == 2048
         else:
