@@ -207,6 +207,26 @@ def test_an_ei_round_with_no_good_sample_is_logged_not_a_crash(tmp_path, caplog)
     assert checkpoints.restore().data["dataset"] == {}
 
 
+class StepRecorder(NullTracker):
+    """Records the step of every eval/ metric logged."""
+
+    def __init__(self) -> None:
+        self.eval_steps: list[int | None] = []
+
+    def log_metrics(self, metrics, step=None) -> None:
+        if "eval/maj_at_1" in metrics:
+            self.eval_steps.append(step)
+
+
+@pytest.mark.parametrize(("eval_every", "expected"), [(1, [1, 2, 3]), (2, [2, 3]), (0, [3])])
+def test_ei_evaluates_every_eval_every_rounds_and_after_the_last(tmp_path, eval_every, expected):
+    ei = ["algo=ei", "algo.rounds=3", "algo.num_samples=1", "algo.n_questions=2", "algo.max_new_tokens=4",
+          "algo.eval_init=false", f"algo.eval_every={eval_every}", f"cache_dir={tmp_path / 'cache'}"]  # fmt: skip
+    tracker = StepRecorder()
+    run_experiment(compose_experiment([*TINY_RUN, *ei]), tracker, base_dir=tmp_path, output_dir=tmp_path / "out")
+    assert tracker.eval_steps == expected
+
+
 def test_rcrl_resumes_from_its_checkpoint_without_labelling_again(tmp_path, caplog):
     rcrl = ["algo=rcrl", "algo.ei.rounds=1", "algo.ei.num_samples=1", "algo.ei.n_questions=4", "algo.ei.max_steps=2",
             "algo.ei.max_new_tokens=16", "algo.num_solutions=1", "algo.num_rollouts=1", "algo.n_questions=4",

@@ -94,7 +94,10 @@ def test_the_figure_sweeps_evaluate_along_the_way():
         assert job.algo.steps * job.algo.rollout_questions * job.algo.num_samples == 8 * 32 * 4 == (
             ppo.algo.steps * ppo.algo.rollout_questions * ppo.algo.num_samples)  # fmt: skip
     ei = compose_sweep_job("ei_rounds", ["model=7b", "row=ei", "init=pretrained"])
-    assert ei.algo.rounds == 4 and ei.algo.eval_init
+    assert ei.algo.rounds == 4 and ei.algo.eval_init and ei.algo.eval_every == 1
+    for sweep in ("ei_rounds", "sample_complexity"):  # every round, at a scale whose table cells evaluate the last only
+        job = compose_sweep_job(sweep, ["model=smollm2_135m", "task=arith", "row=ei", "init=sft"])
+        assert job.algo.eval_every == 1, sweep
 
 
 def test_smollm2_on_gsm8k_uses_the_pilots_sizes_and_shares_the_rcrl_labeller_with_ei():
@@ -105,8 +108,10 @@ def test_smollm2_on_gsm8k_uses_the_pilots_sizes_and_shares_the_rcrl_labeller_wit
     assert (cfg.init.epochs, cfg.init.lr) == (1, 5e-5)
     ei = compose_sweep_job("sft_table", ["model=smollm2_135m", "task=arith", "row=ei", "init=sft"]).algo
     rcrl = compose_sweep_job("sft_table", ["model=smollm2_135m", "task=arith", "row=orm_rcrl", "init=sft"]).algo
-    assert {k: v for k, v in vars(rcrl.ei).items() if k != "eval_init"} == {
-        k: v for k, v in vars(ei).items() if k != "eval_init"}  # fmt: skip
+    how_it_evaluates = ("eval_init", "eval_every")  # not what it trains (algos/ei.py, ei_policy_inputs)
+    assert {k: v for k, v in vars(rcrl.ei).items() if k not in how_it_evaluates} == {
+        k: v for k, v in vars(ei).items() if k not in how_it_evaluates}  # fmt: skip
+    assert ei.eval_every == 0  # a table cell evaluates its final policy only (~28 min an evaluation)
 
 
 def test_a_plain_multirun_over_algo_reward_and_init_is_valid():

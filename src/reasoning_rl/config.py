@@ -312,6 +312,8 @@ class EIConfig(AlgoConfig):
     max_steps: int | None = None  # cap on fine-tuning optimizer steps per round; None = epochs decide
     lr: float | None = None  # peak fine-tuning learning rate; None = model.lr
     eval_init: bool = True  # also evaluate the initial policy (round 0 of the accuracy-vs-round curve)
+    eval_every: int = 1  # evaluate after every this many rounds and after the last (0 = only after the last: a
+    #   table cell, which needs the final policy only; the accuracy-vs-round figure evaluates every round)
     # reward=orm / orm_dense only (ORM EI). The paper does not give its filtering rule; ours: keep a sample when
     # the ORM's score (orm: of the whole solution; orm_dense: the lowest score after any step) is >= orm_threshold.
     orm_threshold: float = 0.5
@@ -320,6 +322,11 @@ class EIConfig(AlgoConfig):
     def __post_init__(self) -> None:
         if self.rounds < 1 or self.num_samples < 1:
             raise ConfigError(f"algo.rounds={self.rounds} and algo.num_samples={self.num_samples} must be >= 1.")
+        if self.eval_every < 0:
+            raise ConfigError(
+                f"algo.eval_every={self.eval_every} must be >= 0: evaluate after every this many EI rounds, or 0 for "
+                "only after the last round."
+            )
         if not 0 <= self.orm_threshold <= 1:
             raise ConfigError(f"algo.orm_threshold={self.orm_threshold} must be a probability in [0, 1].")
         if self.n_questions is not None and self.n_questions < 1:

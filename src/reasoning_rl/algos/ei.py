@@ -11,7 +11,8 @@ Round i = 1 .. algo.rounds:
   4. D_i = R_i ∪ D_{i-1}
   5. fine-tune on D_i with cross-entropy, from the initial checkpoint (``algo.reinit_each_round=true``, the
      paper's and STaR's choice, which avoids overfitting to early rounds) or from pi_{i-1}
-  6. evaluate pi_i on the test split: the accuracy-vs-round curve of the paper's figure 2, at step i
+  6. evaluate pi_i on the test split: the accuracy-vs-round curve of the paper's figure 2, at step i (every
+     ``algo.eval_every`` rounds and after the last; a table cell sets 0: only the final policy is evaluated)
   7. checkpoint pi_i, D_i and the counters (``run/checkpointing.py``): a killed run resumes at round i + 1
 
 Deviations from the paper: K defaults to 4 (the paper's light setting; its table uses 96) and the fine-tuning
@@ -144,7 +145,7 @@ def ei_policy_inputs(run_cfg: ExperimentConfig, cfg: EIConfig, train: Sequence[P
         "sample_batch_size": run_cfg.model.sample_batch_size,
         **sampler_stage_inputs(run_cfg),
         "reward": RewardConfig(name=RewardName.sparse),
-        "ei": {k: v for k, v in plain(cfg).items() if k != "eval_init"},
+        "ei": {k: v for k, v in plain(cfg).items() if k not in ("eval_init", "eval_every")},
     }
 
 
@@ -267,8 +268,8 @@ def expert_iteration(
         else:  # an empty round (no good sample yet) is not an error: the next round samples again
             log.warning("EI round %d: no sample kept yet, nothing to fine-tune on; policy unchanged", round_index)
 
-        # 6. evaluate pi_i: one point of the accuracy-vs-round curve
-        if evaluate_rounds:
+        # 6. evaluate pi_i: one point of the accuracy-vs-round curve (every algo.eval_every rounds, and the last)
+        if evaluate_rounds and (round_index == cfg.rounds or (cfg.eval_every and round_index % cfg.eval_every == 0)):
             result = evaluate_policy(ctx, step=round_index)
 
         # 7. checkpoint: a run killed from here on resumes at round i + 1
