@@ -177,6 +177,11 @@ class VLLMSampler:
     def _build(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine in this process: weights by RPC
         os.environ.setdefault("VLLM_CACHE_ROOT", str(self.cache_dir / "vllm"))  # compiled graphs kept across runs
+        if self.device.type == "cpu":
+            # vLLM 0.32's AOT compile cache does not load under torch 2.13 on CPU ("'function' object has no attribute
+            # 'finalize_loading'"), so every engine compiled again: ~3.5 min per job on SmolLM2. Its older inductor
+            # cache loads: a second engine start took 43 s instead of 208 s (Intel Xeon, 2 cores, 2026-12-03).
+            os.environ.setdefault("VLLM_USE_AOT_COMPILE", "0")
         vllm = import_vllm()
         self.engine_dir = engine_files(model, tokenizer, self.cache_dir / "vllm" / "engines")
         # the native sampler's limit, so both cut prompts alike
