@@ -4,6 +4,7 @@ disk too small fails early). The kill-and-resume test through the real CLI is te
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 import math
@@ -225,6 +226,40 @@ def test_ei_evaluates_every_eval_every_rounds_and_after_the_last(tmp_path, eval_
     tracker = StepRecorder()
     run_experiment(compose_experiment([*TINY_RUN, *ei]), tracker, base_dir=tmp_path, output_dir=tmp_path / "out")
     assert tracker.eval_steps == expected
+
+
+class KilledWhileEvaluating(Exception):
+    """Stands for the session's end arriving during the final evaluation."""
+
+
+@pytest.mark.parametrize("algo", ["ei", "ppo", "grpo"])
+def test_a_run_killed_during_its_final_evaluation_resumes_without_training_again(tmp_path, monkeypatch, caplog, algo):
+    overrides = {
+        "ei": ["algo=ei", "algo.rounds=1", "algo.num_samples=1", "algo.n_questions=2", "algo.max_new_tokens=4"],
+        "ppo": ["algo=ppo", "algo.steps=1", "algo.rollout_questions=2", "algo.num_samples=2", "algo.max_new_tokens=4",
+                "algo.critic_warmup_steps=0"],
+        "grpo": ["algo=grpo", "algo.steps=1", "algo.rollout_questions=2", "algo.num_samples=2",
+                 "algo.max_new_tokens=4"],
+    }[algo]  # fmt: skip
+    cfg = compose_experiment([*TINY_RUN, *overrides, "algo.eval_init=false", f"cache_dir={tmp_path / 'cache'}"])
+    module = importlib.import_module(f"reasoning_rl.algos.{algo}")
+
+    def killed(*args, **kwargs):
+        raise KilledWhileEvaluating
+
+    monkeypatch.setattr(module, "evaluate_policy", killed)
+    checkpoints = Checkpointer(tmp_path, every=1, restore=True)
+    with pytest.raises(KilledWhileEvaluating):
+        run_experiment(cfg, NullTracker(), base_dir=tmp_path, output_dir=tmp_path / "out", checkpoints=checkpoints)
+    assert checkpoints.restore().step == 1  # the last step's checkpoint came before the evaluation
+    monkeypatch.undo()
+    caplog.clear()
+    caplog.set_level(logging.INFO)
+    metrics = run_experiment(
+        cfg, NullTracker(), base_dir=tmp_path, output_dir=tmp_path / "out", checkpoints=checkpoints
+    )
+    assert "eval/maj_at_1" in metrics
+    assert not any(word in caplog.text for word in ("EI round 1:", "step 1: reward"))  # nothing trained again
 
 
 def test_rcrl_resumes_from_its_checkpoint_without_labelling_again(tmp_path, caplog):

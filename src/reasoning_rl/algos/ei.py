@@ -13,7 +13,8 @@ Round i = 1 .. algo.rounds:
      paper's and STaR's choice, which avoids overfitting to early rounds) or from pi_{i-1}
   6. evaluate pi_i on the test split: the accuracy-vs-round curve of the paper's figure 2, at step i (every
      ``algo.eval_every`` rounds and after the last; a table cell sets 0: only the final policy is evaluated)
-  7. checkpoint pi_i, D_i and the counters (``run/checkpointing.py``): a killed run resumes at round i + 1
+  7. checkpoint pi_i, D_i and the counters (``run/checkpointing.py``): a killed run resumes at round i + 1 (the
+     last round is checkpointed before its evaluation, so a run killed while evaluating only evaluates again)
 
 Deviations from the paper: K defaults to 4 (the paper's light setting; its table uses 96) and the fine-tuning
 budget is ``algo.epochs`` over D_i rather than a tuned number of steps.
@@ -184,14 +185,13 @@ def expert_iteration(
     samples_drawn = 0
     finetune_steps = 0
     first_round = 1
-    result = None
     saved = checkpoints.restore() if checkpoints is not None else None
     if saved is not None:  # resume after the last completed round: pi_i, D_i and the counters
         saved.load_modules(policy=ctx.model)
         first_round = saved.step + 1
         dataset, samples_drawn, finetune_steps = (saved.data[k] for k in ("dataset", "samples_drawn", "finetune_steps"))
     elif cfg.eval_init and evaluate_rounds:
-        result = evaluate_policy(ctx, step=0)
+        evaluate_policy(ctx, step=0)
     sampling = SamplingParams(cfg.temperature, cfg.top_p, cfg.max_new_tokens, STOP_STRINGS)
 
     data_parallel = ctx.data_parallel
@@ -268,14 +268,15 @@ def expert_iteration(
         else:  # an empty round (no good sample yet) is not an error: the next round samples again
             log.warning("EI round %d: no sample kept yet, nothing to fine-tune on; policy unchanged", round_index)
 
-        # 6. evaluate pi_i: one point of the accuracy-vs-round curve (every algo.eval_every rounds, and the last)
-        if evaluate_rounds and (round_index == cfg.rounds or (cfg.eval_every and round_index % cfg.eval_every == 0)):
-            result = evaluate_policy(ctx, step=round_index)
+        # 6. evaluate pi_i: one point of the accuracy-vs-round curve, every algo.eval_every rounds (the last round's
+        #    evaluation follows its checkpoint, below)
+        if evaluate_rounds and cfg.eval_every and round_index % cfg.eval_every == 0 and round_index < cfg.rounds:
+            evaluate_policy(ctx, step=round_index)
 
         # 7. checkpoint: a run killed from here on resumes at round i + 1
         if checkpoints is not None:
             state = {"dataset": dataset, "samples_drawn": samples_drawn, "finetune_steps": finetune_steps}
             checkpoints.save(round_index, state, {"policy": ctx.model})
-    if evaluate_rounds and result is None:  # resumed after the last round: its evaluation is logged already
-        result = evaluate_policy(ctx, step=cfg.rounds)
-    return result
+    # the final policy, evaluated after its checkpoint: a run killed while evaluating (~30 min on SmolLM2) resumes
+    # after the last round and only evaluates again
+    return evaluate_policy(ctx, step=cfg.rounds) if evaluate_rounds else None

@@ -232,7 +232,6 @@ def run(ctx: RunContext) -> EvalResult:
     batches = question_batches(training_questions(ctx), cfg.rollout_questions, seed)
     samples_drawn = 0
     first_step = 1
-    result = None
     saved = ctx.checkpoints.restore() if ctx.checkpoints is not None else None
     if saved is not None:  # resume after the last checkpointed step (the RNG states are restored with it)
         saved.load_modules(policy=model)
@@ -245,7 +244,7 @@ def run(ctx: RunContext) -> EvalResult:
         for _ in range(saved.step):  # the question batches already used
             next(batches)
     elif cfg.eval_init:
-        result = evaluate_policy(ctx, step=0)
+        evaluate_policy(ctx, step=0)
 
     for step in range(first_step, cfg.steps + 1):
         started = time.perf_counter()
@@ -318,9 +317,9 @@ def run(ctx: RunContext) -> EvalResult:
             metrics["train/grpo_clip_fraction"],
         )
 
-        # 7. evaluate
-        if step == cfg.steps or (cfg.eval_every and step % cfg.eval_every == 0):
-            result = evaluate_policy(ctx, step=step)
+        # 7. evaluate every algo.eval_every steps (the last step's evaluation follows its checkpoint, below)
+        if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
+            evaluate_policy(ctx, step=step)
 
         # 8. checkpoint every checkpoint_every steps and after the last: a run killed later resumes at step + 1
         if ctx.checkpoints is not None and ctx.checkpoints.due(step, last=step == cfg.steps):
@@ -331,8 +330,9 @@ def run(ctx: RunContext) -> EvalResult:
                 "samples_drawn": samples_drawn,
             }
             ctx.checkpoints.save(step, state, {"policy": model})
-    if result is None:  # resumed after the last step: its evaluation is logged already
-        result = evaluate_policy(ctx, step=cfg.steps)
+    # the final policy, evaluated after its checkpoint: a run killed while evaluating resumes after the last step and
+    # only evaluates again
+    result = evaluate_policy(ctx, step=cfg.steps)
     if adapters is not None:
         merge_adapters(model)  # the trained policy, as a plain model
     return result

@@ -524,7 +524,6 @@ def run(ctx: RunContext) -> EvalResult:
     kl_coef = cfg.kl_coef
     samples_drawn = 0
     first_step = 1
-    result = None
     saved = ctx.checkpoints.restore() if ctx.checkpoints is not None else None
     if saved is not None:  # resume after the last checkpointed step (the RNG states are restored with it)
         saved.load_modules(policy=model, value_head=value_head)
@@ -538,7 +537,7 @@ def run(ctx: RunContext) -> EvalResult:
         for _ in range(saved.step):  # the question batches already used
             next(batches)
     elif cfg.eval_init:
-        result = evaluate_policy(ctx, step=0)
+        evaluate_policy(ctx, step=0)
 
     for step in range(first_step, cfg.steps + 1):
         started = time.perf_counter()
@@ -629,9 +628,9 @@ def run(ctx: RunContext) -> EvalResult:
             kl_coef = adaptive_kl_coef(kl_coef, sequence_kl, cfg.kl_target, cfg.kl_horizon,
                                        len(samples) * data_parallel.world_size)  # fmt: skip
 
-        # 8. evaluate
-        if step == cfg.steps or (cfg.eval_every and step % cfg.eval_every == 0):
-            result = evaluate_policy(ctx, step=step)
+        # 8. evaluate every algo.eval_every steps (the last step's evaluation follows its checkpoint, below)
+        if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
+            evaluate_policy(ctx, step=step)
 
         # 9. checkpoint every checkpoint_every steps and after the last: a run killed later resumes at step + 1
         if ctx.checkpoints is not None and ctx.checkpoints.due(step, last=step == cfg.steps):
@@ -644,8 +643,9 @@ def run(ctx: RunContext) -> EvalResult:
                 "samples_drawn": samples_drawn,
             }
             ctx.checkpoints.save(step, state, {"policy": model, "value_head": value_head})
-    if result is None:  # resumed after the last step: its evaluation is logged already
-        result = evaluate_policy(ctx, step=cfg.steps)
+    # the final policy, evaluated after its checkpoint: a run killed while evaluating (~30 min on SmolLM2) resumes
+    # after the last step and only evaluates again
+    result = evaluate_policy(ctx, step=cfg.steps)
     if adapters is not None:
         merge_adapters(model)  # the trained policy, as a plain model
     return result
