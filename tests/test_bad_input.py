@@ -163,6 +163,7 @@ CASES = [
     Case("`algo=ei algo.rounds=0`", ["algo=ei", "algo.rounds=0"], ["algo.rounds=0", "must be >= 1"]),
     Case("`algo=ei algo.orm_threshold=2`", ["algo=ei", "algo.orm_threshold=2"], ["algo.orm_threshold=2.0"]),
     Case("`algo=ei algo.n_questions=0`", ["algo=ei", "algo.n_questions=0"], ["algo.n_questions=0 must be >= 1"]),
+    Case("`algo=ei algo.eval_every=-1`", ["algo=ei", "algo.eval_every=-1"], ["algo.eval_every=-1 must be >= 0"]),
     Case("`algo=rcrl algo.num_rollouts=0`", ["algo=rcrl", "algo.num_rollouts=0"], ["algo.num_rollouts must be >= 1"]),
     Case("`algo=rcrl algo.threshold=1.5`", ["algo=rcrl", "algo.threshold=1.5"], ["algo.threshold=1.5"]),
     Case(
