@@ -66,7 +66,8 @@ def test_the_corpus_is_prose_with_right_sums_without_the_task_format_or_a_test_q
 
 
 def test_pretrain_steps_is_for_the_tiny_model_only():
-    with pytest.raises(ConfigError, match="model.pretrain_steps=10 must be >= 0, and above 0 only with model.source=tiny"):
+    expected = "model.pretrain_steps=10 must be >= 0, and above 0 only with model.source=tiny"
+    with pytest.raises(ConfigError, match=expected):
         ModelConfig(name="x", source=ModelSource.hub, path="org/model", pretrain_steps=10)
     with pytest.raises(ConfigError, match="model.pretrain_steps=-1"):
         ModelConfig(name="tiny", source=ModelSource.tiny, pretrain_steps=-1)
