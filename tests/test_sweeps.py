@@ -22,6 +22,7 @@ from hydra import compose, initialize_config_dir
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
 
+from reasoning_rl.algos.ei import EVALUATION_FIELDS
 from reasoning_rl.config import ExperimentConfig, register_configs, to_experiment
 from reasoning_rl.launch.sweep import sweep_axes
 
@@ -108,9 +109,8 @@ def test_smollm2_on_gsm8k_uses_the_pilots_sizes_and_shares_the_rcrl_labeller_wit
     assert (cfg.init.epochs, cfg.init.lr) == (1, 5e-5)
     ei = compose_sweep_job("sft_table", ["model=smollm2_135m", "task=arith", "row=ei", "init=sft"]).algo
     rcrl = compose_sweep_job("sft_table", ["model=smollm2_135m", "task=arith", "row=orm_rcrl", "init=sft"]).algo
-    how_it_evaluates = ("eval_init", "eval_every")  # not what it trains (algos/ei.py, ei_policy_inputs)
-    assert {k: v for k, v in vars(rcrl.ei).items() if k not in how_it_evaluates} == {
-        k: v for k, v in vars(ei).items() if k not in how_it_evaluates}  # fmt: skip
+    assert {k: v for k, v in vars(rcrl.ei).items() if k not in EVALUATION_FIELDS} == {
+        k: v for k, v in vars(ei).items() if k not in EVALUATION_FIELDS}  # fmt: skip
     assert ei.eval_every == 0  # a table cell evaluates its final policy only (~28 min an evaluation)
 
 

@@ -138,6 +138,10 @@ def run(ctx: RunContext) -> EvalResult:
     return result
 
 
+# The EIConfig fields that say when the policy is evaluated, not what it trains: left out of the ei_policy stage's key
+EVALUATION_FIELDS = ("eval_init", "eval_every")
+
+
 def ei_policy_inputs(run_cfg: ExperimentConfig, cfg: EIConfig, train: Sequence[Problem]) -> dict[str, object]:
     """What determines the EI row's final policy: the init, the EI settings (whether it evaluates does not
     change what it trains), the sampler's batch size and the ground-truth reward."""
@@ -146,7 +150,7 @@ def ei_policy_inputs(run_cfg: ExperimentConfig, cfg: EIConfig, train: Sequence[P
         "sample_batch_size": run_cfg.model.sample_batch_size,
         **sampler_stage_inputs(run_cfg),
         "reward": RewardConfig(name=RewardName.sparse),
-        "ei": {k: v for k, v in plain(cfg).items() if k not in ("eval_init", "eval_every")},
+        "ei": {k: v for k, v in plain(cfg).items() if k not in EVALUATION_FIELDS},
     }
 
 
