@@ -8,6 +8,7 @@ the whole batch (fp32, up to summation order), and stay identical to each other.
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import os
 import signal
@@ -22,16 +23,21 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from test_checkpointing import TINY_RUN, compose_experiment
 from test_grpo import hand_made_groups
 from test_ppo import hand_made_batch, scaled_tiny_model
 
 from reasoning_rl.algos.grpo import group_relative_advantages, grpo_update
 from reasoning_rl.algos.ppo import check_divisible, fit_value_head, ppo_update
 from reasoning_rl.config import ConfigError, GRPOConfig, LossNorm, ModelConfig, ModelSource, PPOConfig
+from reasoning_rl.launch.pipeline import run_experiment
 from reasoning_rl.models.loading import build_tiny_model, build_tiny_tokenizer
+from reasoning_rl.run.checkpointing import Checkpointer
 from reasoning_rl.run.tracking import NullTracker
 from reasoning_rl.training.distributed import SINGLE, DataParallel
 from reasoning_rl.training.finetune import FinetuneParams, finetune
+from reasoning_rl.training.lora import LoraParams
+from reasoning_rl.training.sharding import sharded_copy
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -58,19 +64,48 @@ def test_ppo_refuses_a_step_or_minibatch_the_ranks_cannot_split_evenly():
             check_divisible(questions, minibatch, 2)
 
 
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [(["algo=rcrl"], "algo=rcrl does not run on several processes"),
+     (["algo=ppo", "model.fsdp=true"], "set model.fsdp=false"),
+     (["algo=grpo", "model.fsdp=true"], "set model.fsdp=false")],
+)  # fmt: skip
+def test_a_job_refuses_several_processes_where_they_are_not_built(tmp_path, overrides, message):
+    # rank 0 of 2, no process group: the check comes before the first collective, and before any training
+    cfg = compose_experiment([*TINY_RUN, *overrides, f"cache_dir={tmp_path / 'cache'}"])
+    with pytest.raises(ConfigError, match=message):
+        run_experiment(cfg, NullTracker(), base_dir=tmp_path, output_dir=tmp_path / "out",
+                       data_parallel=DataParallel(0, 2))  # fmt: skip
+
+
 # ------------------------------------------------------------------------------- real processes, gloo
 
 
-def finetune_step(data_parallel: DataParallel) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+class GradNorms(NullTracker):
+    """Keeps the gradient norms the loop logs: AdamW's first step is ~lr * sign(g), blind to the gradient's scale, so
+    a gradient averaged over the ranks where it should be summed shows in the norm, not in the weights."""
+
+    def __init__(self) -> None:
+        self.norms: list[float] = []
+
+    def log_metrics(self, metrics, step=None) -> None:
+        self.norms.append(metrics["train/sft_grad_norm"])
+
+
+def finetune_step(
+    data_parallel: DataParallel, *, shard: bool = False, lora: LoraParams | None = None
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """The weights before and after one AdamW step of SFT on the 8 examples in micro-batches of 2 (each rank: its
-    4 of them)."""
+    4 of them), and the step's gradient norm (as ``grad_norm``); ``shard``: the ranks train an FSDP2-sharded copy."""
     tok = build_tiny_tokenizer()
     model = build_tiny_model(TINY, len(tok), seed=0)
     before = copy.deepcopy(model.state_dict())
     params = FinetuneParams(lr=1e-3, epochs=1, batch_size=8, micro_batch_size=2, max_seq_len=64, seed=0,
-                            max_steps=1)  # fmt: skip
-    finetune(model, tok, EXAMPLES, params, NullTracker(), progress=False, data_parallel=data_parallel)
-    return before, copy.deepcopy(model.state_dict())
+                            max_steps=1, log_every=1, shard=shard, lora=lora)  # fmt: skip
+    tracker = GradNorms()
+    torch.manual_seed(data_parallel.rank)  # LoRA's A matrices: drawn differently on each rank, then rank 0's kept
+    finetune(model, tok, EXAMPLES, params, tracker, progress=False, data_parallel=data_parallel)
+    return before, {**copy.deepcopy(model.state_dict()), "grad_norm": torch.tensor(tracker.norms)}
 
 
 def ppo_step(data_parallel: DataParallel) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
@@ -112,35 +147,115 @@ def grpo_step(data_parallel: DataParallel) -> tuple[dict[str, torch.Tensor], dic
     return before, copy.deepcopy(model.state_dict())
 
 
-STEPS = {"finetune": finetune_step, "ppo": ppo_step, "grpo": grpo_step}
+LORA = LoraParams(rank=4, alpha=8.0, dropout=0.0)
+STEPS = {
+    "finetune": finetune_step,
+    "finetune_fsdp": functools.partial(finetune_step, shard=True),
+    "finetune_lora": functools.partial(finetune_step, lora=LORA),
+    "finetune_fsdp_lora": functools.partial(finetune_step, shard=True, lora=LORA),
+    "ppo": ppo_step,
+    "grpo": grpo_step,
+}
 # The sums of the gradients over two ranks round differently from one process's sum (~1e-7 relative). SGD's update
 # is proportional to the gradient, so the weights agree to ~1e-7. AdamW's first step is lr * g / (|g| + eps): ~lr
 # wherever |g| >> eps = 1e-8, but for the 3-5 of the model's 14k weights whose |g| is near eps the step follows the
 # rounding of g: measured differences up to 6e-7, 0.06% of the 1e-3 step.
-ATOL = {"finetune": 1e-6, "ppo": 1e-7, "grpo": 1e-7}
+ATOL = {"finetune": 1e-6, "finetune_fsdp": 1e-6, "finetune_lora": 1e-6, "finetune_fsdp_lora": 1e-6, "ppo": 1e-7,
+        "grpo": 1e-7}  # fmt: skip
 
 
-def rank_main(rank: int, step: str, init_file: str, out_dir: str) -> None:
+class Interrupted(Exception):
+    """Stands for a job killed in the middle of its fine-tuning."""
+
+
+class InterruptAt(NullTracker):
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def log_metrics(self, metrics, step=None) -> None:
+        if step == self.step:
+            raise Interrupted
+
+
+def resumed_finetune(data_parallel: DataParallel, out_dir: Path) -> dict[str, torch.Tensor]:
+    """Three SFT steps (batches of 4, a checkpoint after each), interrupted after step 2's update (before its
+    checkpoint), then run again in a fresh model with the same checkpoints: it resumes after step 1. Sharded when
+    there are several ranks; the checkpoints are whole tensors, written by rank 0 and read by every rank."""
+    tok = build_tiny_tokenizer()
+    params = FinetuneParams(lr=1e-3, epochs=1, batch_size=4, micro_batch_size=2, max_seq_len=64, seed=0, max_steps=3,
+                            log_every=1, shard=data_parallel.active)  # fmt: skip
+    checkpoints = Checkpointer(out_dir / "checkpoints", 0, restore=True, writes=data_parallel.is_main)
+    (out_dir / "checkpoints").mkdir(exist_ok=True)
+    with pytest.raises(Interrupted):
+        finetune(build_tiny_model(TINY, len(tok), seed=0), tok, EXAMPLES, params, InterruptAt(2), progress=False,
+                 checkpoints=checkpoints, checkpoint_every=1, data_parallel=data_parallel)  # fmt: skip
+    data_parallel.barrier()  # rank 0's checkpoint is on disk before any rank reads it
+    model = build_tiny_model(TINY, len(tok), seed=0)
+    finetune(model, tok, EXAMPLES, params, NullTracker(), progress=False, checkpoints=checkpoints, checkpoint_every=1,
+             data_parallel=data_parallel)  # fmt: skip
+    return model.state_dict()
+
+
+def shard_sizes(data_parallel: DataParallel, out_dir: Path) -> tuple[int, int]:
+    """The values of the tiny model this rank holds inside :func:`sharded_copy`, and the model's."""
+    model = build_tiny_model(TINY, len(build_tiny_tokenizer()), seed=0)
+    with sharded_copy(model, data_parallel) as sharded:
+        local = sum(p.to_local().numel() for p in sharded.parameters())
+    return local, sum(p.numel() for p in model.parameters())
+
+
+CHECKS = {"resumed_finetune": resumed_finetune, "shard_sizes": shard_sizes}
+
+
+def rank_main(rank: int, name: str, init_file: str, out_dir: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD_SIZE)
     try:
-        torch.save(STEPS[step](DataParallel(rank, WORLD_SIZE))[1], Path(out_dir) / f"rank{rank}.pt")
+        data_parallel = DataParallel(rank, WORLD_SIZE)
+        if name in STEPS:
+            result = STEPS[name](data_parallel)[1]
+        else:
+            result = CHECKS[name](data_parallel, Path(out_dir))
+        torch.save(result, Path(out_dir) / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
 
 
+def run_ranks(name: str, tmp_path: Path) -> list:
+    """What ``name`` (in STEPS or CHECKS) returned on each of WORLD_SIZE processes talking over gloo."""
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    mp.start_processes(rank_main, args=(name, str(tmp_path / "pg"), str(tmp_path)), nprocs=WORLD_SIZE,
+                       start_method="spawn")  # fmt: skip
+    return [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD_SIZE)]
+
+
 @pytest.mark.parametrize("step", sorted(STEPS))
 def test_two_processes_take_the_one_process_update_on_a_fixed_global_batch(tmp_path, step):
-    mp.start_processes(rank_main, args=(step, str(tmp_path / "pg"), str(tmp_path)), nprocs=WORLD_SIZE,
-                       start_method="spawn")  # fmt: skip
-    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD_SIZE)]
+    ranks = run_ranks(step, tmp_path)
     before, single = STEPS[step](SINGLE)
     for name, expected in single.items():
         for rank, weights in enumerate(ranks):
             torch.testing.assert_close(weights[name], expected, rtol=1e-5, atol=ATOL[step], msg=f"rank {rank}: {name}")
         assert torch.equal(ranks[0][name], ranks[1][name]), f"{name}: the replicas differ"
-    moved = max(float((single[name] - before[name]).abs().max()) for name in single)
+    moved = max(float((single[name] - before[name]).abs().max()) for name in before)
     assert moved > 1e-4  # the update did something
+
+
+def test_a_sharded_copy_holds_half_of_the_weights_on_each_of_two_ranks(tmp_path):
+    # the tiny model's weights all have an even first dimension, which FSDP2 splits in two
+    for local, total in run_ranks("shard_sizes", tmp_path):
+        assert 2 * local == total
+
+
+def test_a_sharded_fine_tune_killed_mid_way_resumes_to_the_uninterrupted_weights(tmp_path):
+    ranks = run_ranks("resumed_finetune", tmp_path / "two")
+    tok = build_tiny_tokenizer()
+    model = build_tiny_model(TINY, len(tok), seed=0)
+    params = FinetuneParams(lr=1e-3, epochs=1, batch_size=4, micro_batch_size=2, max_seq_len=64, seed=0, max_steps=3)
+    finetune(model, tok, EXAMPLES, params, NullTracker(), progress=False)  # one process, never interrupted
+    for name, expected in model.state_dict().items():
+        for rank, weights in enumerate(ranks):
+            torch.testing.assert_close(weights[name], expected, rtol=1e-5, atol=2e-6, msg=f"rank {rank}: {name}")
 
 
 # ------------------------------------------------------------------------- whole runs, two ranks, real CLI
@@ -195,8 +310,12 @@ def steps_of(client, run, name: str) -> list[int]:
 
 
 def test_two_rank_ei_and_ppo_runs_log_once_into_one_mlflow_run_each(tmp_path):
-    for name, overrides in (("ei", EI), ("ppo", [*PPO, "algo.steps=2"])):
-        finish(launch(overrides, tmp_path, name), tmp_path, name)
+    # EI's fine-tuning sharded (model.fsdp: training/sharding.py), PPO's data-parallel with whole replicas
+    outputs = {
+        name: finish(launch(overrides, tmp_path, name), tmp_path, name)
+        for name, overrides in (("ei", [*EI, "model.fsdp=true"]), ("ppo", [*PPO, "algo.steps=2"]))
+    }
+    assert "FSDP2: 5 units over 2 ranks; rank 0 holds" in outputs["ei"] and "FSDP2" not in outputs["ppo"]
     client, runs = mlflow_runs(tmp_path)
     by_algo = {run.data.tags["algo"]: run for run in runs}
     assert len(runs) == 2 and set(by_algo) == {"ei", "ppo"}, [r.data.tags for r in runs]
@@ -205,6 +324,7 @@ def test_two_rank_ei_and_ppo_runs_log_once_into_one_mlflow_run_each(tmp_path):
         assert run.data.metrics["eval/num_problems"] == 8  # every test problem, gathered from both ranks' shards
     # the counters and curves are those of the whole job, each point logged once (by rank 0)
     ei, ppo = by_algo["ei"], by_algo["ppo"]
+    assert ei.data.params["model.fsdp"] == "True" and ppo.data.params["model.fsdp"] == "False"
     assert steps_of(client, ei, "train/ei_samples_drawn") == [1, 2]
     assert ei.data.metrics["train/ei_samples_drawn"] == 2 * 16 * 2  # rounds x questions x K, both ranks'
     assert steps_of(client, ppo, "train/ppo_reward_mean") == [1, 2]

@@ -109,6 +109,7 @@ def finetune_params(
         gradient_checkpointing=model.gradient_checkpointing,
         lora=lora_params(model),
         compute_dtype=ctx.precision.dtype,
+        shard=model.fsdp,
         **schedule,
     )
 

@@ -53,6 +53,8 @@ log = logging.getLogger(__name__)
 
 # The algorithms that split their sampling and training between the processes of a data-parallel job (distributed.py)
 DATA_PARALLEL_ALGOS = frozenset({"none", "ei", "ppo", "grpo", "rloo", "dr_grpo"})
+# model.fsdp with several processes: the algorithms whose training is sharded (training/sharding.py)
+SHARDED_ALGOS = frozenset({"none", "ei"})
 ARTIFACT_SIZE_LIMIT = 50 * 2**20  # checkpoints larger than this are referenced by path, not copied into MLflow
 
 
@@ -274,6 +276,12 @@ def run_pipeline(ctx: RunContext) -> dict[str, float]:
         raise ConfigError(
             f"algo={cfg.algo.name} does not run on several processes yet (data parallelism is built for "
             f"{', '.join(sorted(DATA_PARALLEL_ALGOS))}): launch it as one process (python main.py ...)."
+        )
+    if ctx.data_parallel.active and cfg.model.fsdp and cfg.algo.name not in SHARDED_ALGOS:
+        raise ConfigError(
+            f"model.fsdp=true on {ctx.data_parallel.world_size} processes shards EI's fine-tuning only, and "
+            f"algo={cfg.algo.name}'s update is not sharded (not built yet): set model.fsdp=false to run it "
+            "data-parallel with a whole copy of the model on every rank."
         )
     with ctx.data_parallel.main_first():
         apply_pretraining(ctx)

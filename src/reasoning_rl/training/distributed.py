@@ -117,6 +117,14 @@ class DataParallel:
                 p.grad = torch.zeros_like(p)
             dist.all_reduce(p.grad)
 
+    def broadcast_parameters(self, params: Iterable[torch.nn.Parameter]) -> None:
+        """Overwrite each parameter with rank 0's values, in place (DDP does this when it wraps a model): weights
+        drawn at random on each rank (LoRA's A matrices) must be the same on every replica."""
+        if not self.active:
+            return
+        for p in params:
+            dist.broadcast(p.data, src=0)
+
     def barrier(self) -> None:
         if self.active:
             dist.barrier()

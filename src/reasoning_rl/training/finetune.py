@@ -26,6 +26,7 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
+from torch.distributed.tensor import DTensor
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
@@ -36,6 +37,7 @@ from reasoning_rl.training.distributed import SINGLE, DataParallel
 from reasoning_rl.training.lora import LoraParams, attach_adapters, merge_adapters
 from reasoning_rl.training.packing import collate_packed, forward_kwargs, packed_attention
 from reasoning_rl.training.precision import Precision
+from reasoning_rl.training.sharding import full_state, is_sharded, load_full_optimizer_state, sharded_copy
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +62,7 @@ class FinetuneParams:
     lora: LoraParams | None = None  # train LoRA adapters (merged into the weights at the end), not every weight
     pack_sequences: bool = True  # a micro-batch as one row of its sequences end to end, no padding (packing.py)
     compute_dtype: torch.dtype = torch.float32  # the forward pass autocasts to it; the weights stay float32
+    shard: bool = False  # with several processes: train an FSDP2-sharded copy (training/sharding.py)
 
 
 @dataclass(frozen=True)
@@ -138,7 +141,8 @@ def summed_token_loss(model: PreTrainedModel, batch: dict[str, torch.Tensor]) ->
     target = shift_labels != IGNORE_INDEX  # (B, T-1)
     inputs = forward_kwargs(batch)
     head, decoder = model.get_output_embeddings(), getattr(model, "get_decoder", lambda: None)()
-    if head is None or decoder is None or getattr(model.config, "final_logit_softcapping", None):
+    # a sharded model gathers its root unit's weights (embeddings, LM head) in its own forward only
+    if head is None or decoder is None or getattr(model.config, "final_logit_softcapping", None) or is_sharded(model):
         logits = model(**inputs).logits  # (B, T, V)
         target_logits = logits[:, :-1][target]  # (N, V)
     else:
@@ -166,6 +170,8 @@ def finetune(
 
     ``data_parallel``: every rank calls this with the same examples; each computes its shard of every batch and the
     gradients are summed over the ranks (reasoning_rl/training/distributed.py), so all take the one-process step.
+    With ``params.shard`` the ranks train an FSDP2-sharded copy instead, whose weights are gathered back into
+    ``model`` at the end (reasoning_rl/training/sharding.py): the same step, 1/N of the training state per rank.
 
     ``loss_fn(model, batch)`` returns the loss summed over the batch's target tokens (the completion tokens and
     EOS): next-token cross-entropy by default, the ORM's binary cross-entropy for (prompt, completion, outcome).
@@ -181,106 +187,122 @@ def finetune(
     warmup_steps = max(1, round(params.warmup_ratio * total_steps))
     if params.lora is not None:
         attach_adapters(model, params.lora)
-    trainable = [p for p in model.parameters() if p.requires_grad]
+        # each rank drew its own random A matrices (the ranks' RNGs part when rank 0 builds a stage alone)
+        data_parallel.broadcast_parameters(p for p in model.parameters() if p.requires_grad)
     precision = Precision.of(model, params.compute_dtype)
-    if any(p.dtype != torch.float32 for p in trainable):  # AdamW's ~lr-sized steps round away in bf16 weights
-        raise ValueError(f"{metric_prefix} fine-tune: the trained weights must be float32 (the master copy); "
-                         f"compute in {params.compute_dtype} through params.compute_dtype instead.")  # fmt: skip
-    optimizer = torch.optim.AdamW(trainable, lr=params.lr, weight_decay=params.weight_decay)
-    scaler = precision.grad_scaler()
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_multiplier(s, total_steps, warmup_steps, params.min_lr_ratio)
-    )
-    rng = random.Random(params.seed)
-    order: list[int] = []
     checkpointing = params.gradient_checkpointing and getattr(model, "supports_gradient_checkpointing", False)
     if checkpointing:  # transformers 5 renamed gradient to activation checkpointing
         if hasattr(model, "activation_checkpointing_enable"):
             model.activation_checkpointing_enable({"use_reentrant": False})
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model.train()
+    rng = random.Random(params.seed)
+    order: list[int] = []
     losses: list[float] = []
     first_step = 0
     saved = checkpoints.restore() if checkpoints is not None else None
-    if saved is not None:  # a killed run: continue exactly where its last checkpoint left off
-        saved.load_modules(model=model)
-        optimizer.load_state_dict(saved.data["optimizer"])
-        scheduler.load_state_dict(saved.data["scheduler"])
-        if saved.data.get("grad_scaler"):  # empty for float32 and bf16: the scaler is off
-            scaler.load_state_dict(saved.data["grad_scaler"])
+    if saved is not None:  # a killed run: continue exactly where its last checkpoint left off (weights first: a
+        saved.load_modules(model=model)  # sharded copy is made from them)
         version, internal, gauss = saved.data["data_rng"]
         rng.setstate((version, tuple(internal), gauss))
         order, losses, first_step = saved.data["order"], saved.data["losses"], saved.step
         log.info("%s fine-tune: resuming after step %d of %d", metric_prefix, first_step, total_steps)
-    bar = tqdm(
-        range(first_step, total_steps),
-        desc=f"{metric_prefix} fine-tune",
-        initial=first_step,
-        total=total_steps,
-        disable=not progress,
-        dynamic_ncols=True,
-    )
-    for step in bar:
-        # 1. draw the next batch (reshuffle at each epoch boundary)
-        if len(order) < params.batch_size:
-            order += rng.sample(range(len(data)), len(data))
-        b_indices, order = order[: params.batch_size], order[params.batch_size :]
-        # sorted by length, so each micro-batch pads to a similar length (when not packed); the update is the same
-        # sum of token losses
-        b_examples = sorted((data[i] for i in b_indices), key=lambda ex: len(ex.input_ids))
-        # targets are tokens prompt_len..n-1 (the first token of a sequence is never predicted)
-        num_target_tokens = sum(len(ex.input_ids) - max(ex.prompt_len, 1) for ex in b_examples)
-        # 2. accumulate gradients over micro-batches (of this rank's shard of the batch); each micro-batch loss is
-        #    divided by the whole batch's target-token count so the sum over micro-batches (and ranks) is the
-        #    batch's token-mean loss
-        rank_examples = data_parallel.shard(b_examples)
-        batch_loss = 0.0
-        for start in range(0, len(rank_examples), params.micro_batch_size):
-            mb_examples = rank_examples[start : start + params.micro_batch_size]
-            if params.pack_sequences:
-                mb = collate_packed(mb_examples, IGNORE_INDEX)
+    sharding = params.shard and data_parallel.active
+    with sharded_copy(model, data_parallel) if sharding else nullcontext(model) as trained:
+        trainable = [p for p in trained.parameters() if p.requires_grad]
+        if any(p.dtype != torch.float32 for p in trainable):  # AdamW's ~lr-sized steps round away in bf16 weights
+            raise ValueError(f"{metric_prefix} fine-tune: the trained weights must be float32 (the master copy); "
+                             f"compute in {params.compute_dtype} through params.compute_dtype instead.")  # fmt: skip
+        optimizer = torch.optim.AdamW(trainable, lr=params.lr, weight_decay=params.weight_decay)
+        scaler = precision.grad_scaler()
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda s: lr_multiplier(s, total_steps, warmup_steps, params.min_lr_ratio)
+        )
+        if saved is not None:
+            if sharding:
+                load_full_optimizer_state(trained, optimizer, saved.data["optimizer"])
             else:
-                mb = collate(mb_examples, tokenizer.pad_token_id)
-            mb = {k: v.to(device) for k, v in mb.items()}
-            # the backward pass stays inside: gradient checkpointing runs the attention again there
-            with packed_attention(model) if params.pack_sequences else nullcontext():
-                with precision.autocast():
-                    mb_loss_sum = loss_fn(model, mb)
-                scaler.scale(mb_loss_sum / max(1, num_target_tokens)).backward()
-            batch_loss += mb_loss_sum.item()
-        data_parallel.sum_gradients(trainable)
-        batch_loss = data_parallel.sum(batch_loss)
-        # 3. clip, step, schedule (float16: the scaler unscales the gradients first, and skips a step that
-        #    overflowed)
-        scaler.unscale_(optimizer)
-        grad_norm = torch.nn.utils.clip_grad_norm_(trainable, params.grad_clip)
-        step_lr = scheduler.get_last_lr()[0]  # the rate this step uses (after scheduler.step(), the next step's)
-        scaler.step(optimizer)
-        scaler.update()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        loss = batch_loss / max(1, num_target_tokens)
-        if not math.isfinite(loss):
-            raise FloatingPointError(f"{metric_prefix} loss became {loss} at step {step}; lower the learning rate.")
-        losses.append(loss)
-        bar.set_postfix(loss=f"{loss:.3f}")
-        if (step + 1) % params.log_every == 0 or step + 1 == total_steps:
-            tracker.log_metrics(
-                {
-                    f"train/{metric_prefix}_loss": loss,
-                    f"train/{metric_prefix}_lr": step_lr,
-                    f"train/{metric_prefix}_grad_norm": float(grad_norm),
-                },
-                step=step_offset + step + 1,
-            )
-        # 4. checkpoint (not after the last step: the caller saves the result itself)
-        due = checkpoint_every > 0 and (step + 1) % checkpoint_every == 0 and step + 1 < total_steps
-        if checkpoints is not None and due:
-            state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                     "grad_scaler": scaler.state_dict(), "data_rng": rng.getstate(), "order": order,
-                     "losses": losses}  # fmt: skip
-            checkpoints.save(step + 1, state, {"model": model})
+                optimizer.load_state_dict(saved.data["optimizer"])
+            scheduler.load_state_dict(saved.data["scheduler"])
+            if saved.data.get("grad_scaler"):  # empty for float32 and bf16: the scaler is off
+                scaler.load_state_dict(saved.data["grad_scaler"])
+        trained.train()
+        bar = tqdm(
+            range(first_step, total_steps),
+            desc=f"{metric_prefix} fine-tune",
+            initial=first_step,
+            total=total_steps,
+            disable=not progress,
+            dynamic_ncols=True,
+        )
+        for step in bar:
+            # 1. draw the next batch (reshuffle at each epoch boundary)
+            if len(order) < params.batch_size:
+                order += rng.sample(range(len(data)), len(data))
+            b_indices, order = order[: params.batch_size], order[params.batch_size :]
+            # sorted by length, so each micro-batch pads to a similar length (when not packed); the update is the
+            # same sum of token losses
+            b_examples = sorted((data[i] for i in b_indices), key=lambda ex: len(ex.input_ids))
+            # targets are tokens prompt_len..n-1 (the first token of a sequence is never predicted)
+            num_target_tokens = sum(len(ex.input_ids) - max(ex.prompt_len, 1) for ex in b_examples)
+            # 2. accumulate gradients over micro-batches (of this rank's shard of the batch); each micro-batch loss
+            #    is divided by the whole batch's target-token count so the sum over micro-batches (and ranks) is
+            #    the batch's token-mean loss
+            rank_examples = data_parallel.shard(b_examples)
+            batch_loss = 0.0
+            for start in range(0, len(rank_examples), params.micro_batch_size):
+                mb_examples = rank_examples[start : start + params.micro_batch_size]
+                if params.pack_sequences:
+                    mb = collate_packed(mb_examples, IGNORE_INDEX)
+                else:
+                    mb = collate(mb_examples, tokenizer.pad_token_id)
+                mb = {k: v.to(device) for k, v in mb.items()}
+                # the backward pass stays inside: gradient checkpointing runs the attention again there
+                with packed_attention(trained) if params.pack_sequences else nullcontext():
+                    with precision.autocast():
+                        mb_loss_sum = loss_fn(trained, mb)
+                    scaler.scale(mb_loss_sum / max(1, num_target_tokens)).backward()
+                batch_loss += mb_loss_sum.item()
+            if not sharding:  # FSDP2's reduce-scatter summed them in the backward pass
+                data_parallel.sum_gradients(trainable)
+            batch_loss = data_parallel.sum(batch_loss)
+            # 3. clip, step, schedule (float16: the scaler unscales the gradients first, and skips a step that
+            #    overflowed)
+            scaler.unscale_(optimizer)
+            grad_norm = torch.nn.utils.clip_grad_norm_(trainable, params.grad_clip)
+            if isinstance(grad_norm, DTensor):  # the norm of sharded gradients: the same value on every rank
+                grad_norm = grad_norm.full_tensor()
+            step_lr = scheduler.get_last_lr()[0]  # the rate this step uses (after scheduler.step(), the next step's)
+            scaler.step(optimizer)
+            scaler.update()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            loss = batch_loss / max(1, num_target_tokens)
+            if not math.isfinite(loss):
+                raise FloatingPointError(f"{metric_prefix} loss became {loss} at step {step}; lower the learning rate.")
+            losses.append(loss)
+            bar.set_postfix(loss=f"{loss:.3f}")
+            if (step + 1) % params.log_every == 0 or step + 1 == total_steps:
+                tracker.log_metrics(
+                    {
+                        f"train/{metric_prefix}_loss": loss,
+                        f"train/{metric_prefix}_lr": step_lr,
+                        f"train/{metric_prefix}_grad_norm": float(grad_norm),
+                    },
+                    step=step_offset + step + 1,
+                )
+            # 4. checkpoint (not after the last step: the caller saves the result itself)
+            due = checkpoint_every > 0 and (step + 1) % checkpoint_every == 0 and step + 1 < total_steps
+            if checkpoints is not None and due:
+                if sharding:  # whole tensors, as an unsharded run writes them: the weights into model, to be saved
+                    weights, optimizer_state = full_state(trained, optimizer)
+                    model.load_state_dict(weights)
+                else:
+                    optimizer_state = optimizer.state_dict()
+                state = {"optimizer": optimizer_state, "scheduler": scheduler.state_dict(),
+                         "grad_scaler": scaler.state_dict(), "data_rng": rng.getstate(), "order": order,
+                         "losses": losses}  # fmt: skip
+                checkpoints.save(step + 1, state, {"model": model})
     if checkpointing:
         disable = getattr(model, "activation_checkpointing_disable", None) or model.gradient_checkpointing_disable
         disable()

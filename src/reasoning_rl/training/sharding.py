@@ -1,0 +1,102 @@
+"""FSDP2 in the fine-tuning loop: the trained weights, their gradients and AdamW's moments split over the ranks.
+
+With ``model.fsdp=true`` and several processes (training/distributed.py), :func:`~reasoning_rl.training.finetune.
+finetune` trains a *sharded copy* of the model (:func:`sharded_copy`) built with torch's FSDP2 (``fully_shard``):
+
+- **Units**: each decoder layer is one unit, whose full weights exist only during its own forward and backward
+  passes; the rest (embeddings, final norm, output and ORM heads) is the root unit, so tied weights (the embedding
+  and the LM head) stay in one unit. Each rank holds 1/N of the float32 weights, gradients and AdamW moments: the
+  16 bytes per trained parameter that docs/memory.md finds too large for one 80 GB GPU at 7B and 13B.
+- **The gradient** is the one data parallelism computes without sharding: each rank divides its summed token
+  losses by the *global* token count, and FSDP2's reduce-scatter sums the ranks' gradients (its own division by N
+  is switched off), so every rank's shard of the gradient is that shard of the one-process gradient
+  (tests/test_distributed.py: rtol 1e-5 against one process).
+- **Precision**: the loop's autocast, unchanged; FSDP2 all-gathers the float32 weights (no ``MixedPrecisionPolicy``),
+  so the sharded update is the unsharded one. Gathering in bf16 would halve the traffic at the cost of that identity.
+- **What the loop hands on**: when training ends, the full weights are gathered into the original model on every
+  rank (:func:`sharded_copy` on exit), so the sampler, the stage cache and the next EI round see a plain model.
+- **Checkpoints** (:func:`full_state`, :func:`load_full_optimizer_state`): the weights and AdamW's moments
+  gathered to full tensors, written by rank 0 as an unsharded checkpoint would be, read by every rank and sharded
+  again on resume.
+
+The original model stays resident beside the shards (the sampler's copy, on the training device); moving it to the
+host while training (``model.to("cpu")``) is the next saving for 13B and is not done. Not sharded: the SFT and ORM
+stages (rank 0 trains them alone while the others wait), PPO's and the GRPO family's updates.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_optimizer_state_dict,
+)
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import FSDPModule, fully_shard
+
+from reasoning_rl.training.distributed import DataParallel
+from reasoning_rl.training.lora import language_model
+
+log = logging.getLogger(__name__)
+
+FULL = StateDictOptions(full_state_dict=True)  # every rank gets (or gives) whole tensors, not its shard
+
+
+def sharding_units(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The modules FSDP2 shards one by one: the transformer's blocks, as transformers names them
+    (``_no_split_modules``, e.g. ``LlamaDecoderLayer``)."""
+    lm = language_model(model)
+    block_names = set(getattr(lm, "_no_split_modules", None) or ())
+    units = [module for module in model.modules() if type(module).__name__ in block_names]
+    if not units:
+        raise TypeError(
+            f"model.fsdp=true: {type(lm).__name__} names no transformer block to shard by (_no_split_modules is "
+            f"{sorted(block_names) or 'empty'}); set model.fsdp=false."
+        )
+    return units
+
+
+@contextmanager
+def sharded_copy(model: torch.nn.Module, data_parallel: DataParallel) -> Iterator[torch.nn.Module]:
+    """A copy of ``model`` sharded over the job's ranks; on leaving the block without an error its trained weights
+    are gathered back into ``model`` on every rank. Every rank must enter and leave together (collectives)."""
+    device = next(model.parameters()).device
+    mesh = init_device_mesh(device.type, (data_parallel.world_size,))
+    sharded = copy.deepcopy(model)
+    units = sharding_units(sharded)
+    for unit in units:
+        fully_shard(unit, mesh=mesh)
+    fully_shard(sharded, mesh=mesh)
+    for module in sharded.modules():
+        if isinstance(module, FSDPModule):  # sum the ranks' gradients: each rank's loss is over the global count
+            module.set_gradient_divide_factor(1.0)
+            module.set_force_sum_reduction_for_comms(True)  # a plain SUM: gloo has no pre-multiplied sum
+    local, total = sum(p.to_local().numel() for p in sharded.parameters()), sum(p.numel() for p in model.parameters())
+    log.info("FSDP2: %d units over %d ranks; rank %d holds %d of the model's %d values", len(units) + 1,
+             data_parallel.world_size, data_parallel.rank, local, total)  # fmt: skip
+    yield sharded
+    model.load_state_dict(get_model_state_dict(sharded, options=FULL))
+
+
+def is_sharded(model: torch.nn.Module) -> bool:
+    return isinstance(model, FSDPModule)
+
+
+def full_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], Any]:
+    """The sharded ``model``'s weights and ``optimizer``'s state as whole tensors (keyed by parameter name), on every
+    rank: what an unsharded checkpoint holds. A collective: every rank calls it."""
+    return get_model_state_dict(model, options=FULL), get_optimizer_state_dict(model, optimizer, options=FULL)
+
+
+def load_full_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, optimizer_state: Any) -> None:
+    """Put :func:`full_state`'s whole optimizer state back into the sharded ``model``'s ``optimizer`` (each rank keeps
+    its shard); the weights come with the copy, made from a model that holds the checkpoint's. A collective."""
+    set_optimizer_state_dict(model, optimizer, optimizer_state, options=FULL)
