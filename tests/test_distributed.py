@@ -33,6 +33,7 @@ from reasoning_rl.config import ConfigError, GRPOConfig, LossNorm, ModelConfig, 
 from reasoning_rl.launch.pipeline import run_experiment
 from reasoning_rl.models.loading import build_tiny_model, build_tiny_tokenizer
 from reasoning_rl.run.checkpointing import Checkpointer
+from reasoning_rl.run.stages import cached_stage_together
 from reasoning_rl.run.tracking import NullTracker
 from reasoning_rl.training.distributed import SINGLE, DataParallel
 from reasoning_rl.training.finetune import FinetuneParams, finetune
@@ -204,7 +205,21 @@ def shard_sizes(data_parallel: DataParallel, out_dir: Path) -> tuple[int, int]:
     return local, sum(p.numel() for p in model.parameters())
 
 
-CHECKS = {"resumed_finetune": resumed_finetune, "shard_sizes": shard_sizes}
+def stage_together(data_parallel: DataParallel, out_dir: Path) -> list:
+    """The same stage asked for twice by both ranks together: what each call gave ``build``, and whether it reused."""
+    given: list[str] = []
+
+    def build(directory: Path | None) -> None:
+        given.append("none" if directory is None else "directory")
+        if directory is not None:
+            (directory / "out.txt").write_text(f"rank {data_parallel.rank}")
+
+    stages = [cached_stage_together(out_dir / "cache", "sft", {"a": 1}, build, NullTracker(), data_parallel)
+              for _ in range(2)]  # fmt: skip
+    return [given, [stage.reused for stage in stages], (stages[0].path / "out.txt").read_text()]
+
+
+CHECKS = {"resumed_finetune": resumed_finetune, "shard_sizes": shard_sizes, "stage_together": stage_together}
 
 
 def rank_main(rank: int, name: str, init_file: str, out_dir: str) -> None:
@@ -245,6 +260,12 @@ def test_a_sharded_copy_holds_half_of_the_weights_on_each_of_two_ranks(tmp_path)
     # the tiny model's weights all have an even first dimension, which FSDP2 splits in two
     for local, total in run_ranks("shard_sizes", tmp_path):
         assert 2 * local == total
+
+
+def test_a_stage_built_together_is_built_by_every_rank_once_and_written_by_rank_0(tmp_path):
+    first, second = run_ranks("stage_together", tmp_path)
+    assert first == [["directory"], [False, True], "rank 0"]  # built by both, then reused by both
+    assert second == [["none"], [False, True], "rank 0"]  # rank 1 computed without writing
 
 
 def test_a_sharded_fine_tune_killed_mid_way_resumes_to_the_uninterrupted_weights(tmp_path):
@@ -315,7 +336,9 @@ def test_two_rank_ei_and_ppo_runs_log_once_into_one_mlflow_run_each(tmp_path):
         name: finish(launch(overrides, tmp_path, name), tmp_path, name)
         for name, overrides in (("ei", [*EI, "model.fsdp=true"]), ("ppo", [*PPO, "algo.steps=2"]))
     }
-    assert "FSDP2: 5 units over 2 ranks; rank 0 holds" in outputs["ei"] and "FSDP2" not in outputs["ppo"]
+    # the SFT stage trained by both ranks together, then each of EI's 2 rounds, all sharded; PPO's stage by rank 0
+    assert "stage sft: computed" in outputs["ei"] and "(2 ranks)" in outputs["ei"], outputs["ei"][-3000:]
+    assert outputs["ei"].count("FSDP2: 5 units over 2 ranks; rank 0 holds") == 3 and "FSDP2" not in outputs["ppo"]
     client, runs = mlflow_runs(tmp_path)
     by_algo = {run.data.tags["algo"]: run for run in runs}
     assert len(runs) == 2 and set(by_algo) == {"ei", "ppo"}, [r.data.tags for r in runs]

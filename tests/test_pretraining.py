@@ -119,3 +119,12 @@ def test_the_init_stages_key_on_pretraining_and_keep_their_old_keys_without_it()
     assert "pretrain_steps" not in without["model"]  # stages built before the field existed are still found
     pretrained = init_stage_inputs(compose_experiment([*TINY_RUN, "model.pretrain_steps=30"]), train)
     assert pretrained["model"]["pretrain_steps"] == 30
+
+
+def test_how_a_model_is_run_does_not_enter_the_stage_keys():
+    # the sampler's batch, gradient checkpointing and FSDP2 sharding change the speed and memory, not the weights
+    train = generate_arith(8, 2, 1, 1, 9, "+-", seed=0).train
+    plain = init_stage_inputs(compose_experiment(TINY_RUN), train)
+    how = ["model.sample_batch_size=3", "model.gradient_checkpointing=true", "model.fsdp=true"]
+    assert init_stage_inputs(compose_experiment([*TINY_RUN, *how]), train) == plain
+    assert init_stage_inputs(compose_experiment([*TINY_RUN, "model.lr=0.5"]), train) != plain

@@ -39,7 +39,14 @@ from reasoning_rl.models.loading import load_checkpoint, load_policy, resolve_de
 from reasoning_rl.rollout.native import CastSampler, generate
 from reasoning_rl.rollout.sampler import Sampler
 from reasoning_rl.run.checkpointing import Checkpointer, checkpoint_bytes
-from reasoning_rl.run.stages import cached_stage, data_fingerprint, init_stage_inputs, model_stage_inputs, progress_dir
+from reasoning_rl.run.stages import (
+    cached_stage,
+    cached_stage_together,
+    data_fingerprint,
+    init_stage_inputs,
+    model_stage_inputs,
+    progress_dir,
+)
 from reasoning_rl.run.tracking import Tracker
 from reasoning_rl.scoring.evaluation import EvalResult, write_records
 from reasoning_rl.tasks import load_task
@@ -162,7 +169,7 @@ def apply_init(ctx: RunContext) -> Callable[[str], str]:
     if cfg.init.name != InitName.sft:
         return prompt_fn
 
-    def build_sft(directory: Path) -> None:
+    def build_sft(directory: Path | None) -> None:  # None: a rank other than 0 of a sharded build
         init = cfg.init
         params = finetune_params(
             ctx,
@@ -177,14 +184,20 @@ def apply_init(ctx: RunContext) -> Callable[[str], str]:
         )
         examples = [(prompt_fn(p.question), p.reference) for p in ctx.splits.train]
         # checkpoints of the fine-tuning itself: a job killed half-way through SFT is continued by the next
-        checkpoints = Checkpointer(progress_dir(Path(cfg.cache_dir), "sft", inputs), 0, restore=cfg.resume)
+        checkpoints = Checkpointer(progress_dir(Path(cfg.cache_dir), "sft", inputs), 0, restore=cfg.resume,
+                                   writes=directory is not None)  # fmt: skip
         stats = finetune(ctx.model, ctx.tokenizer, examples, params, ctx.tracker, metric_prefix="sft",
-                         checkpoints=checkpoints, checkpoint_every=cfg.stage_checkpoint_every)  # fmt: skip
-        save_checkpoint(ctx.model, ctx.tokenizer, directory / "model")
-        (directory / "stats.json").write_text(json.dumps(stats))
+                         checkpoints=checkpoints, checkpoint_every=cfg.stage_checkpoint_every,
+                         data_parallel=data_parallel)  # fmt: skip
+        if directory is not None:
+            save_checkpoint(ctx.model, ctx.tokenizer, directory / "model")
+            (directory / "stats.json").write_text(json.dumps(stats))
 
     inputs = init_stage_inputs(cfg, ctx.splits.train)
-    stage = cached_stage(Path(cfg.cache_dir), "sft", inputs, build_sft, ctx.tracker)
+    # model.fsdp on several processes: every rank trains its shard of the SFT stage; otherwise rank 0 builds it
+    # alone (run_pipeline) and the others reuse it
+    data_parallel = ctx.data_parallel if sharded_init(ctx) else SINGLE
+    stage = cached_stage_together(Path(cfg.cache_dir), "sft", inputs, build_sft, ctx.tracker, data_parallel)
     checkpoint = stage.path / "model"
     if stage.reused:
         ctx.model, ctx.tokenizer = load_checkpoint(checkpoint, ctx.device)
@@ -192,6 +205,11 @@ def apply_init(ctx: RunContext) -> Callable[[str], str]:
     ctx.tracker.log_metrics({"train/sft_final_loss": stats["final_loss"], "train/sft_steps": stats["steps"]})
     log_checkpoint(ctx.tracker, checkpoint, "sft")
     return prompt_fn
+
+
+def sharded_init(ctx: RunContext) -> bool:
+    """Whether the job's ranks build the SFT stage together, each training its FSDP2 shard (model.fsdp)."""
+    return ctx.data_parallel.active and ctx.cfg.model.fsdp and ctx.cfg.init.name == InitName.sft
 
 
 def log_checkpoint(tracker: Tracker, checkpoint: Path, name: str) -> None:
@@ -271,7 +289,7 @@ def run_pipeline(ctx: RunContext) -> dict[str, float]:
     cfg, splits, tracker, output_dir = ctx.cfg, ctx.splits, ctx.tracker, ctx.output_dir
 
     # 3. init, and the ORM when the reward or the reranking needs one; with several processes, rank 0 builds these
-    #    stages alone and the others then load them
+    #    stages alone and the others then load them, except the SFT stage with model.fsdp (all ranks, sharded)
     if ctx.data_parallel.active and cfg.algo.name not in DATA_PARALLEL_ALGOS:
         raise ConfigError(
             f"algo={cfg.algo.name} does not run on several processes yet (data parallelism is built for "
@@ -279,13 +297,17 @@ def run_pipeline(ctx: RunContext) -> dict[str, float]:
         )
     if ctx.data_parallel.active and cfg.model.fsdp and cfg.algo.name not in SHARDED_ALGOS:
         raise ConfigError(
-            f"model.fsdp=true on {ctx.data_parallel.world_size} processes shards EI's fine-tuning only, and "
-            f"algo={cfg.algo.name}'s update is not sharded (not built yet): set model.fsdp=false to run it "
-            "data-parallel with a whole copy of the model on every rank."
+            f"model.fsdp=true on {ctx.data_parallel.world_size} processes shards the SFT stage and EI's fine-tuning "
+            f"only, and algo={cfg.algo.name}'s update is not sharded (not built yet): set model.fsdp=false to run "
+            "it data-parallel with a whole copy of the model on every rank."
         )
     with ctx.data_parallel.main_first():
         apply_pretraining(ctx)
+        if not sharded_init(ctx):
+            ctx.build_prompt = apply_init(ctx)
+    if sharded_init(ctx):  # every rank together, each training its shard of the SFT stage
         ctx.build_prompt = apply_init(ctx)
+    with ctx.data_parallel.main_first():
         if cfg.needs_orm:
             pool = orm.orm_questions(splits.train, cfg.orm.n_questions, cfg.orm.disjoint, cfg.seed)
             ctx.orm_question_ids = frozenset(p.id for p in pool)

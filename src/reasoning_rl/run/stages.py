@@ -35,6 +35,7 @@ from filelock import FileLock
 from reasoning_rl.config import ExperimentConfig
 from reasoning_rl.run.tracking import Tracker
 from reasoning_rl.tasks import Problem
+from reasoning_rl.training.distributed import DataParallel
 
 log = logging.getLogger(__name__)
 
@@ -72,9 +73,9 @@ def data_fingerprint(problems: Sequence[Problem]) -> str:
 
 def model_stage_inputs(cfg: ExperimentConfig) -> dict[str, Any]:
     """The base model's settings that determine what is computed from it (not how fast: the sampler's batch size,
-    gradient checkpointing). ``pretrain_steps`` enters only when set, so the stages built before it existed keep
-    their keys."""
-    how_to_run = ("sample_batch_size", "gradient_checkpointing")
+    gradient checkpointing, FSDP2 sharding). ``pretrain_steps`` enters only when set, so the stages built before it
+    existed keep their keys."""
+    how_to_run = ("sample_batch_size", "gradient_checkpointing", "fsdp")
     model = {k: v for k, v in plain(cfg.model).items() if k not in how_to_run}
     if not model["pretrain_steps"]:
         del model["pretrain_steps"]
@@ -145,6 +146,46 @@ def cached_stage(
                 _build_atomically(final, name, inputs, build)
                 shutil.rmtree(_progress_path(final), ignore_errors=True)  # the stage is in place: done with it
     log.info("stage %s: %s %s", name, "reused" if reused else "computed", final)
+    tracker.set_tags({f"stage/{name}": f"{'reused' if reused else 'computed'} {final}"})
+    return Stage(name, final.name, final, reused)
+
+
+def cached_stage_together(
+    cache_dir: Path,
+    name: str,
+    inputs: Mapping[str, Any],
+    build: Callable[[Path | None], None],
+    tracker: Tracker,
+    data_parallel: DataParallel,
+) -> Stage:
+    """:func:`cached_stage` for a stage that every rank of a data-parallel job builds together (the SFT stage with
+    ``model.fsdp``: each rank trains its shard). Rank 0 holds the lock and decides whether the stage is built or
+    reused; when it is built, every rank calls ``build``, rank 0 with the temporary directory to write and the
+    others with None (they compute, rank 0 writes). ``reused`` is then False on every rank: each holds the result
+    in memory already. Every rank must call it (collectives)."""
+    if not data_parallel.active:
+        return cached_stage(cache_dir, name, inputs, build, tracker)
+    final = stage_path(cache_dir, name, inputs)
+    lock = FileLock(str(final) + ".lock")
+    if data_parallel.is_main:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        if not (final / MANIFEST).is_file():
+            lock.acquire()  # another job may be building it: wait, then look again
+    reused = data_parallel.share((final / MANIFEST).is_file() if data_parallel.is_main else False)
+    try:
+        if not reused:
+            if data_parallel.is_main:
+                for stale in final.parent.glob(f".{final.name}.*"):
+                    shutil.rmtree(stale, ignore_errors=True)
+                _build_atomically(final, name, inputs, build)
+                shutil.rmtree(_progress_path(final), ignore_errors=True)
+            else:
+                build(None)
+    finally:
+        if lock.is_locked:
+            lock.release()
+    data_parallel.barrier()  # the stage is in place before any rank goes on to read it
+    log.info("stage %s: %s %s (%d ranks)", name, "reused" if reused else "computed", final, data_parallel.world_size)
     tracker.set_tags({f"stage/{name}": f"{'reused' if reused else 'computed'} {final}"})
     return Stage(name, final.name, final, reused)
 

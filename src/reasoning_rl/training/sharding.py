@@ -19,9 +19,11 @@ finetune` trains a *sharded copy* of the model (:func:`sharded_copy`) built with
   gathered to full tensors, written by rank 0 as an unsharded checkpoint would be, read by every rank and sharded
   again on resume.
 
-The original model stays resident beside the shards (the sampler's copy, on the training device); moving it to the
-host while training (``model.to("cpu")``) is the next saving for 13B and is not done. Not sharded: the SFT and ORM
-stages (rank 0 trains them alone while the others wait), PPO's and the GRPO family's updates.
+On a GPU the whole model waits in host memory while its shards train (``model.to("cpu")``, and back when
+training ends), so the GPU holds the shards and one unit's whole weights at a time; that branch has not run on a
+GPU yet (none was lent): on CPU everything stays where it is. Sharded: the SFT stage (every rank trains it together,
+``run/stages.py: cached_stage_together``) and EI's rounds. Not sharded: the ORM stage (rank 0 trains it alone while
+the others wait), PPO's and the GRPO family's updates (a clear error: set ``model.fsdp=false``).
 """
 
 from __future__ import annotations
@@ -70,9 +72,12 @@ def sharded_copy(model: torch.nn.Module, data_parallel: DataParallel) -> Iterato
     are gathered back into ``model`` on every rank. Every rank must enter and leave together (collectives)."""
     device = next(model.parameters()).device
     mesh = init_device_mesh(device.type, (data_parallel.world_size,))
+    offload = device.type != "cpu"
+    if offload:  # the whole model waits in host memory while its shards train: 4 bytes per parameter off the GPU
+        model.to("cpu")
     sharded = copy.deepcopy(model)
     units = sharding_units(sharded)
-    for unit in units:
+    for unit in units:  # each unit's weights go to the device (whole), then only this rank's shard stays there
         fully_shard(unit, mesh=mesh)
     fully_shard(sharded, mesh=mesh)
     for module in sharded.modules():
@@ -84,6 +89,8 @@ def sharded_copy(model: torch.nn.Module, data_parallel: DataParallel) -> Iterato
              data_parallel.world_size, data_parallel.rank, local, total)  # fmt: skip
     yield sharded
     model.load_state_dict(get_model_state_dict(sharded, options=FULL))
+    if offload:
+        model.to(device)
 
 
 def is_sharded(model: torch.nn.Module) -> bool:
