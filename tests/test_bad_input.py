@@ -132,6 +132,11 @@ CASES = [
         ["model.pretrain_steps=10 must be >= 0, and above 0 only with model.source=tiny"],
     ),
     Case(
+        "`model.fsdp=true model.dtype=float16`",
+        ["model.fsdp=true", "model.dtype=float16"],
+        ["model.fsdp=true computes in float32 or bfloat16"],
+    ),
+    Case(
         "`model.lora_rank=4 model.lora_alpha=0`",
         ["model.lora_rank=4", "model.lora_alpha=0"],
         ["model.lora_alpha=0.0 must be > 0"],

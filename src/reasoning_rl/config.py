@@ -151,6 +151,11 @@ class ModelConfig:
                 f"model.pretrain_steps={self.pretrain_steps} must be >= 0, and above 0 only with model.source=tiny "
                 f"(a real model comes pretrained), but model.source={self.source.value}: set model.pretrain_steps=0."
             )
+        if self.fsdp and self.dtype == DType.float16:
+            raise ConfigError(
+                "model.fsdp=true computes in float32 or bfloat16; float16's loss scaling is not built for sharded "
+                "gradients: set model.dtype=bfloat16 (or auto), or model.fsdp=false."
+            )
         if self.lora_rank < 0:
             raise ConfigError(f"model.lora_rank={self.lora_rank} must be >= 0 (0 = no LoRA: train every weight).")
         if self.lora_rank and not (self.lora_alpha > 0 and 0 <= self.lora_dropout < 1):

@@ -208,7 +208,7 @@ def finetune(
         order, losses, first_step = saved.data["order"], saved.data["losses"], saved.step
         log.info("%s fine-tune: resuming after step %d of %d", metric_prefix, first_step, total_steps)
     sharding = params.shard and data_parallel.active
-    with sharded_copy(model, data_parallel) if sharding else nullcontext(model) as trained:
+    with sharded_copy(model, data_parallel, params.compute_dtype) if sharding else nullcontext(model) as trained:
         trainable = [p for p in trained.parameters() if p.requires_grad]
         if any(p.dtype != torch.float32 for p in trainable):  # AdamW's ~lr-sized steps round away in bf16 weights
             raise ValueError(f"{metric_prefix} fine-tune: the trained weights must be float32 (the master copy); "

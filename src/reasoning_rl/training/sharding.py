@@ -11,8 +11,12 @@ finetune` trains a *sharded copy* of the model (:func:`sharded_copy`) built with
   losses by the *global* token count, and FSDP2's reduce-scatter sums the ranks' gradients (its own division by N
   is switched off), so every rank's shard of the gradient is that shard of the one-process gradient
   (tests/test_distributed.py: rtol 1e-5 against one process).
-- **Precision**: the loop's autocast, unchanged; FSDP2 all-gathers the float32 weights (no ``MixedPrecisionPolicy``),
-  so the sharded update is the unsharded one. Gathering in bf16 would halve the traffic at the cost of that identity.
+- **Precision**: in float32 FSDP2 gathers the float32 weights and the sharded update is the unsharded one. In bf16
+  each unit is gathered in bf16 (``MixedPrecisionPolicy``; the shards, the gradients' reduction and AdamW stay
+  float32): half the traffic, and no whole-model bf16 copy held from the forward to the backward pass, as
+  autocast's casts of whole weights are; the loop's autocast still covers the rest. The norms' weights are then
+  bf16 too, so a sharded bf16 step is close to the unsharded one, not equal (tests/test_distributed.py). float16
+  is refused (its loss scaling is not built for sharded gradients).
 - **What the loop hands on**: when training ends, the full weights are gathered into the original model on every
   rank (:func:`sharded_copy` on exit), so the sampler, the stage cache and the next EI round see a plain model.
 - **Checkpoints** (:func:`full_state`, :func:`load_full_optimizer_state`): the weights and AdamW's moments
@@ -42,7 +46,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import FSDPModule, fully_shard
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
 from reasoning_rl.training.distributed import DataParallel
 from reasoning_rl.training.lora import language_model
@@ -67,19 +71,29 @@ def sharding_units(model: torch.nn.Module) -> list[torch.nn.Module]:
 
 
 @contextmanager
-def sharded_copy(model: torch.nn.Module, data_parallel: DataParallel) -> Iterator[torch.nn.Module]:
-    """A copy of ``model`` sharded over the job's ranks; on leaving the block without an error its trained weights
-    are gathered back into ``model`` on every rank. Every rank must enter and leave together (collectives)."""
+def sharded_copy(
+    model: torch.nn.Module, data_parallel: DataParallel, compute_dtype: torch.dtype = torch.float32
+) -> Iterator[torch.nn.Module]:
+    """A copy of ``model`` sharded over the job's ranks, whose units gather their weights in ``compute_dtype``;
+    on leaving the block without an error its trained weights are gathered back into ``model`` on every rank. Every
+    rank must enter and leave together (collectives)."""
+    if compute_dtype == torch.float16:
+        raise ValueError("FSDP2 sharding computes in float32 or bfloat16: float16's loss scaling is not built for "
+                         "sharded gradients")  # fmt: skip
     device = next(model.parameters()).device
     mesh = init_device_mesh(device.type, (data_parallel.world_size,))
+    # bf16 compute: each unit is gathered in bf16 and its gradients reduced in float32 (the shards stay float32), so
+    # no whole-model bf16 copy outlives a unit's forward as autocast's cast cache would keep it (2 bytes/param)
+    precision = MixedPrecisionPolicy(param_dtype=None if compute_dtype == torch.float32 else compute_dtype,
+                                     reduce_dtype=torch.float32)  # fmt: skip
     offload = device.type != "cpu"
     if offload:  # the whole model waits in host memory while its shards train: 4 bytes per parameter off the GPU
         model.to("cpu")
     sharded = copy.deepcopy(model)
     units = sharding_units(sharded)
     for unit in units:  # each unit's weights go to the device (whole), then only this rank's shard stays there
-        fully_shard(unit, mesh=mesh)
-    fully_shard(sharded, mesh=mesh)
+        fully_shard(unit, mesh=mesh, mp_policy=precision)
+    fully_shard(sharded, mesh=mesh, mp_policy=precision)
     for module in sharded.modules():
         if isinstance(module, FSDPModule):  # sum the ranks' gradients: each rank's loss is over the global count
             module.set_gradient_divide_factor(1.0)
