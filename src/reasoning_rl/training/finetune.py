@@ -37,7 +37,13 @@ from reasoning_rl.training.distributed import SINGLE, DataParallel
 from reasoning_rl.training.lora import LoraParams, attach_adapters, merge_adapters
 from reasoning_rl.training.packing import collate_packed, forward_kwargs, packed_attention
 from reasoning_rl.training.precision import Precision
-from reasoning_rl.training.sharding import full_state, is_sharded, load_full_optimizer_state, sharded_copy
+from reasoning_rl.training.sharding import (
+    full_optimizer_state,
+    gather_weights,
+    is_sharded,
+    load_full_optimizer_state,
+    sharded_copy,
+)
 
 log = logging.getLogger(__name__)
 
@@ -295,8 +301,8 @@ def finetune(
             due = checkpoint_every > 0 and (step + 1) % checkpoint_every == 0 and step + 1 < total_steps
             if checkpoints is not None and due:
                 if sharding:  # whole tensors, as an unsharded run writes them: the weights into model, to be saved
-                    weights, optimizer_state = full_state(trained, optimizer)
-                    model.load_state_dict(weights)
+                    gather_weights(trained, model)
+                    optimizer_state = full_optimizer_state(trained, optimizer)
                 else:
                     optimizer_state = optimizer.state_dict()
                 state = {"optimizer": optimizer_state, "scheduler": scheduler.state_dict(),

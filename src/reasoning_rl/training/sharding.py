@@ -19,9 +19,9 @@ finetune` trains a *sharded copy* of the model (:func:`sharded_copy`) built with
   is refused (its loss scaling is not built for sharded gradients).
 - **What the loop hands on**: when training ends, the full weights are gathered into the original model on every
   rank (:func:`sharded_copy` on exit), so the sampler, the stage cache and the next EI round see a plain model.
-- **Checkpoints** (:func:`full_state`, :func:`load_full_optimizer_state`): the weights and AdamW's moments
-  gathered to full tensors, written by rank 0 as an unsharded checkpoint would be, read by every rank and sharded
-  again on resume.
+- **Checkpoints** (:func:`gather_weights`, :func:`full_optimizer_state`, :func:`load_full_optimizer_state`): the
+  weights and AdamW's moments gathered to whole tensors one at a time, written by rank 0 as an unsharded checkpoint
+  would be, read by every rank and sharded again on resume.
 
 On a GPU the whole model waits in host memory while its shards train (``model.to("cpu")``, and back when
 training ends), so the GPU holds the shards and one unit's whole weights at a time; that branch has not run on a
@@ -39,12 +39,7 @@ from contextlib import contextmanager
 from typing import Any
 
 import torch
-from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
-    get_model_state_dict,
-    get_optimizer_state_dict,
-    set_optimizer_state_dict,
-)
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict, set_optimizer_state_dict
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
@@ -52,8 +47,6 @@ from reasoning_rl.training.distributed import DataParallel
 from reasoning_rl.training.lora import language_model
 
 log = logging.getLogger(__name__)
-
-FULL = StateDictOptions(full_state_dict=True)  # every rank gets (or gives) whole tensors, not its shard
 
 
 def sharding_units(model: torch.nn.Module) -> list[torch.nn.Module]:
@@ -102,7 +95,7 @@ def sharded_copy(
     log.info("FSDP2: %d units over %d ranks; rank %d holds %d of the model's %d values", len(units) + 1,
              data_parallel.world_size, data_parallel.rank, local, total)  # fmt: skip
     yield sharded
-    model.load_state_dict(get_model_state_dict(sharded, options=FULL))
+    gather_weights(sharded, model)
     if offload:
         model.to(device)
 
@@ -111,13 +104,24 @@ def is_sharded(model: torch.nn.Module) -> bool:
     return isinstance(model, FSDPModule)
 
 
-def full_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], Any]:
-    """The sharded ``model``'s weights and ``optimizer``'s state as whole tensors (keyed by parameter name), on every
-    rank: what an unsharded checkpoint holds. A collective: every rank calls it."""
-    return get_model_state_dict(model, options=FULL), get_optimizer_state_dict(model, optimizer, options=FULL)
+@torch.no_grad()
+def gather_weights(sharded: torch.nn.Module, model: torch.nn.Module) -> None:
+    """Copy the sharded copy's weights into ``model`` (same names), on every rank, one whole tensor at a time: a
+    whole state dict gathered at once would put 4 bytes per parameter on the GPU. A collective."""
+    targets = dict(model.named_parameters())
+    for name, param in sharded.named_parameters():
+        targets[name].copy_(param.full_tensor())
 
 
-def load_full_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, optimizer_state: Any) -> None:
-    """Put :func:`full_state`'s whole optimizer state back into the sharded ``model``'s ``optimizer`` (each rank keeps
-    its shard); the weights come with the copy, made from a model that holds the checkpoint's. A collective."""
-    set_optimizer_state_dict(model, optimizer, optimizer_state, options=FULL)
+def full_optimizer_state(sharded: torch.nn.Module, optimizer: torch.optim.Optimizer) -> Any:
+    """AdamW's state as whole tensors keyed by parameter name, in host memory, on rank 0 (the checkpoint's writer;
+    the other ranks get an empty dict). A collective."""
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return get_optimizer_state_dict(sharded, optimizer, options=options)
+
+
+def load_full_optimizer_state(sharded: torch.nn.Module, optimizer: torch.optim.Optimizer, state: Any) -> None:
+    """Put :func:`full_optimizer_state`'s whole tensors back into the sharded copy's ``optimizer`` (each rank keeps
+    its shard; every rank passes the state it read from the checkpoint). The weights come with the copy, made from a
+    model that holds the checkpoint's. A collective."""
+    set_optimizer_state_dict(sharded, optimizer, state, options=StateDictOptions(full_state_dict=True))
