@@ -195,13 +195,27 @@ def rows(m: Llama, lora_rank: int) -> list[Row]:
     ]
 
 
-def fsdp2_per_gpu(m: Llama, row: Row, n: int) -> float:
-    """Per GPU with FSDP2 over n GPUs (not built): the float32 state, frozen models and copies sharded 1/n; bf16
-    all-gathered weights of ~2 layers and one layer's float32 unsharded gradients instead of autocast's whole-model
-    casts; activations per GPU as on one; vLLM's share per GPU (each rank's engine holds the whole model)."""
+def fsdp2_planned_per_gpu(m: Llama, row: Row, n: int) -> float:
+    """Per GPU with FSDP2 over n GPUs as planned (beyond what is built): the float32 state, frozen models and copies
+    sharded 1/n, the sampled model too; bf16 all-gathered weights of ~2 layers and one layer's float32 unsharded
+    gradients instead of autocast's whole-model casts; activations per GPU as on one; vLLM's share per GPU."""
     working = (2 * 2 + 4) * m.layer_params
     training = (row.trained + row.held) / n + working + row.activations
     return max(training, row.sampling_resident / n) + vllm_share(m)
+
+
+SHARDED_LOOPS = ("SFT", "EI")  # the rows model.fsdp shards (training/sharding.py); the others: not built
+
+
+def fsdp2_per_gpu(m: Llama, row: Row, n: int) -> float:
+    """Per GPU with ``model.fsdp`` over n GPUs, with vLLM, as training/sharding.py does it: the trained state
+    (weights, gradients, AdamW; with LoRA the frozen base too) sharded 1/n; units gathered in bf16 (~2 layers) and
+    one layer's unsharded gradients in place of autocast's whole-model casts; the whole float32 model in host memory
+    while it trains; what the row holds besides (EI's initial weights) and vLLM's share whole on every rank (each
+    rank's engine holds the whole model); sampling as without sharding (the whole model is back on the GPU)."""
+    working = (2 * 2 + 4) * m.layer_params
+    training = row.trained / n + row.held + working + row.activations
+    return max(training, row.sampling_resident) + vllm_share(m)
 
 
 def verdict(peak: float) -> str:
@@ -243,15 +257,20 @@ def print_tables(models: tuple[Llama, ...], lora_rank: int) -> None:
               f"gpu_memory_utilization >= {min_vllm_utilization(m):.3f}")  # fmt: skip
         print()
         print("| row | weights + grads + AdamW | frozen / extra copies | bf16 casts | activations + logits | "
-              "resident while sampling | peak, native sampler | peak, vLLM | FSDP2: GPUs (GB each) |")  # fmt: skip
-        print("|---|---|---|---|---|---|---|---|---|")
+              "resident while sampling | peak, native sampler | peak, vLLM | FSDP2 planned: GPUs (GB each) | "
+              "model.fsdp as built, vLLM: GPUs (GB each) |")  # fmt: skip
+        print("|---|---|---|---|---|---|---|---|---|---|")
         for row in rows(m, lora_rank):
             native, vllm = row.peak_native(m), row.peak_vllm(m)
-            n = next((n for n in (1, 2, 4, 8, 16) if fsdp2_per_gpu(m, row, n) <= COMFORT * BUDGET), None)
-            fsdp = f"{n} ({gb(fsdp2_per_gpu(m, row, n))})" if n else "> 16"
+            n = next((n for n in (1, 2, 4, 8, 16) if fsdp2_planned_per_gpu(m, row, n) <= COMFORT * BUDGET), None)
+            planned = f"{n} ({gb(fsdp2_planned_per_gpu(m, row, n))})" if n else "> 16"
+            n = next((n for n in (2, 4, 8, 16) if fsdp2_per_gpu(m, row, n) <= COMFORT * BUDGET), None)
+            fsdp = f"{n} ({gb(fsdp2_per_gpu(m, row, n))})" if n else f"> 16 ({gb(fsdp2_per_gpu(m, row, 16))} at 16)"
+            if not row.name.startswith(SHARDED_LOOPS):
+                fsdp = "not built"
             print(f"| {row.name} | {gb(row.trained)} | {gb(row.held)} | {gb(row.casts)} | {gb(row.activations)} | "
                   f"{gb(row.sampling_resident)} | {gb(native)} {verdict(native)} | {gb(vllm)} {verdict(vllm)} | "
-                  f"{fsdp} |")  # fmt: skip
+                  f"{planned} | {fsdp} |")  # fmt: skip
         no_ckpt = activations(m, checkpointing=False, logits_rows=tokens, logit_bytes=12)
         print(f"\nAdd {gb(2 * p)} GB for a frozen ORM (reward=orm|orm_dense, orm.rerank=true) and {gb(4 * p)} GB in a "
               "job that reuses a cached SFT checkpoint (init=sft); activations without checkpointing: "

@@ -28,16 +28,16 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 from filelock import FileLock
 
 from reasoning_rl.config import ExperimentConfig
 from reasoning_rl.run.tracking import Tracker
 from reasoning_rl.tasks import Problem
-from reasoning_rl.training.distributed import DataParallel
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 STAGE_FORMAT = 1  # bump when a stage's content changes for the same inputs (a code change), to invalidate caches
 MANIFEST = "stage.json"
@@ -150,13 +150,26 @@ def cached_stage(
     return Stage(name, final.name, final, reused)
 
 
+class Ranks(Protocol):
+    """What building a stage together needs of a data-parallel job (training/distributed.py's DataParallel)."""
+
+    @property
+    def is_main(self) -> bool: ...
+    @property
+    def active(self) -> bool: ...
+    @property
+    def world_size(self) -> int: ...
+    def share(self, value: T) -> T: ...
+    def barrier(self) -> None: ...
+
+
 def cached_stage_together(
     cache_dir: Path,
     name: str,
     inputs: Mapping[str, Any],
     build: Callable[[Path | None], None],
     tracker: Tracker,
-    data_parallel: DataParallel,
+    data_parallel: Ranks,
 ) -> Stage:
     """:func:`cached_stage` for a stage that every rank of a data-parallel job builds together (the SFT stage with
     ``model.fsdp``: each rank trains its shard). Rank 0 holds the lock and decides whether the stage is built or
