@@ -301,11 +301,12 @@ def run_pipeline(ctx: RunContext) -> dict[str, float]:
             f"only, and algo={cfg.algo.name}'s update is not sharded (not built yet): set model.fsdp=false to run "
             "it data-parallel with a whole copy of the model on every rank."
         )
+    together = sharded_init(ctx)
     with ctx.data_parallel.main_first():
         apply_pretraining(ctx)
-        if not sharded_init(ctx):
+        if not together:
             ctx.build_prompt = apply_init(ctx)
-    if sharded_init(ctx):  # every rank together, each training its shard of the SFT stage
+    if together:  # every rank together, each training its shard of the SFT stage
         ctx.build_prompt = apply_init(ctx)
     with ctx.data_parallel.main_first():
         if cfg.needs_orm:

@@ -141,10 +141,7 @@ def cached_stage(
         with FileLock(str(final) + ".lock"):
             reused = (final / MANIFEST).is_file()  # another job may have built it while we waited for the lock
             if not reused:
-                for stale in final.parent.glob(f".{final.name}.*"):  # left by a builder that was killed; we hold
-                    shutil.rmtree(stale, ignore_errors=True)  # the lock, so no live builder is using it
-                _build_atomically(final, name, inputs, build)
-                shutil.rmtree(_progress_path(final), ignore_errors=True)  # the stage is in place: done with it
+                _build_holding_lock(final, name, inputs, build)
     log.info("stage %s: %s %s", name, "reused" if reused else "computed", final)
     tracker.set_tags({f"stage/{name}": f"{'reused' if reused else 'computed'} {final}"})
     return Stage(name, final.name, final, reused)
@@ -188,10 +185,7 @@ def cached_stage_together(
     try:
         if not reused:
             if data_parallel.is_main:
-                for stale in final.parent.glob(f".{final.name}.*"):
-                    shutil.rmtree(stale, ignore_errors=True)
-                _build_atomically(final, name, inputs, build)
-                shutil.rmtree(_progress_path(final), ignore_errors=True)
+                _build_holding_lock(final, name, inputs, build)
             else:
                 build(None)
     finally:
@@ -201,6 +195,14 @@ def cached_stage_together(
     log.info("stage %s: %s %s (%d ranks)", name, "reused" if reused else "computed", final, data_parallel.world_size)
     tracker.set_tags({f"stage/{name}": f"{'reused' if reused else 'computed'} {final}"})
     return Stage(name, final.name, final, reused)
+
+
+def _build_holding_lock(final: Path, name: str, inputs: Mapping[str, Any], build: Callable[[Path], None]) -> None:
+    """Build the stage in place; the caller holds its lock."""
+    for stale in final.parent.glob(f".{final.name}.*"):  # left by a builder that was killed; we hold the lock, so
+        shutil.rmtree(stale, ignore_errors=True)  # no live builder is using it
+    _build_atomically(final, name, inputs, build)
+    shutil.rmtree(_progress_path(final), ignore_errors=True)  # the stage is in place: done with its progress
 
 
 def _build_atomically(final: Path, name: str, inputs: Mapping[str, Any], build: Callable[[Path], None]) -> None:
