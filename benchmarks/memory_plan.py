@@ -204,7 +204,7 @@ def fsdp2_planned_per_gpu(m: Llama, row: Row, n: int) -> float:
     return max(training, row.sampling_resident / n) + vllm_share(m)
 
 
-SHARDED_LOOPS = ("SFT", "EI")  # the rows model.fsdp shards (training/sharding.py); the others: not built
+SHARDED_LOOPS = ("SFT", "EI", "PPO")  # the rows model.fsdp shards (training/sharding.py); the others: not built
 
 
 def fsdp2_per_gpu(m: Llama, row: Row, n: int) -> float:
@@ -212,8 +212,15 @@ def fsdp2_per_gpu(m: Llama, row: Row, n: int) -> float:
     (weights, gradients, AdamW; with LoRA the frozen base too) sharded 1/n; units gathered in bf16 (~2 layers) and
     one layer's unsharded gradients in place of autocast's whole-model casts; the whole float32 model in host memory
     while it trains; what the row holds besides (EI's initial weights) and vLLM's share whole on every rank (each
-    rank's engine holds the whole model); sampling as without sharding (the whole model is back on the GPU)."""
+    rank's engine holds the whole model); sampling as without sharding (the whole model is back on the GPU). PPO
+    (and the GRPO family) keep the whole float32 policy on the GPU beside its shards, which it samples and scores
+    with every step (ppo.py: training/sharding.shard, not sharded_copy), and the shards stay while it samples (their
+    gradients counted too: a small overestimate, 4 B per trained parameter / n)."""
     working = (2 * 2 + 4) * m.layer_params
+    if row.name.startswith("PPO"):
+        whole_policy = 4 * m.params
+        training = row.trained / n + row.held + whole_policy + working + row.activations
+        return max(training, whole_policy + row.held + row.trained / n) + vllm_share(m)
     training = row.trained / n + row.held + working + row.activations
     return max(training, row.sampling_resident) + vllm_share(m)
 

@@ -28,7 +28,7 @@ from test_grpo import hand_made_groups
 from test_ppo import hand_made_batch, scaled_tiny_model
 
 from reasoning_rl.algos.grpo import group_relative_advantages, grpo_update
-from reasoning_rl.algos.ppo import check_divisible, fit_value_head, ppo_update
+from reasoning_rl.algos.ppo import PolicyValue, check_divisible, fit_value_head, ppo_update
 from reasoning_rl.config import ConfigError, GRPOConfig, LossNorm, ModelConfig, ModelSource, PPOConfig
 from reasoning_rl.launch.pipeline import run_experiment
 from reasoning_rl.models.loading import build_tiny_model, build_tiny_tokenizer
@@ -38,7 +38,7 @@ from reasoning_rl.run.tracking import NullTracker
 from reasoning_rl.training.distributed import SINGLE, DataParallel
 from reasoning_rl.training.finetune import FinetuneParams, finetune
 from reasoning_rl.training.lora import LoraParams
-from reasoning_rl.training.sharding import sharded_copy
+from reasoning_rl.training.sharding import gather_weights, scatter_weights, shard, sharded_copy
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -67,9 +67,7 @@ def test_ppo_refuses_a_step_or_minibatch_the_ranks_cannot_split_evenly():
 
 @pytest.mark.parametrize(
     ("overrides", "message"),
-    [(["algo=rcrl"], "algo=rcrl does not run on several processes"),
-     (["algo=ppo", "model.fsdp=true"], "set model.fsdp=false"),
-     (["algo=grpo", "model.fsdp=true"], "set model.fsdp=false")],
+    [(["algo=rcrl"], "algo=rcrl does not run on several processes")],
 )  # fmt: skip
 def test_a_job_refuses_several_processes_where_they_are_not_built(tmp_path, overrides, message):
     # rank 0 of 2, no process group: the check comes before the first collective, and before any training
@@ -113,9 +111,13 @@ def finetune_step(
     return before, {**copy.deepcopy(model.state_dict()), "grad_norm": torch.tensor(tracker.norms)}
 
 
-def ppo_step(data_parallel: DataParallel) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+def ppo_step(
+    data_parallel: DataParallel, *, sharded: bool = False
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """The weights before and after the critic warm-up fit and one PPO minibatch update (plain SGD) on the
-    hand-made 4-row batch: rows {0, 2} on rank 0 and {1, 3} on rank 1, a minibatch of 2 rows per rank."""
+    hand-made 4-row batch: rows {0, 2} on rank 0 and {1, 3} on rank 1, a minibatch of 2 rows per rank. ``sharded``:
+    the update trains an FSDP2-sharded copy made before the fit, as a run makes it (so the fitted value head must be
+    scattered into it), and its weights are gathered back after the update."""
     tok = build_tiny_tokenizer()
     model = scaled_tiny_model(len(tok))
     batch, value_head = hand_made_batch(model, tok)
@@ -127,18 +129,28 @@ def ppo_step(data_parallel: DataParallel) -> tuple[dict[str, torch.Tensor], dict
         return copy.deepcopy(policy | {f"value_head.{k}": v for k, v in value_head.state_dict().items()})
 
     before = weights()
+    policy_value = PolicyValue(model, value_head)
+    sharded = sharded and data_parallel.active  # one process: the plain update it is compared with
+    trained = shard(policy_value, data_parallel) if sharded else policy_value
     fit_value_head(model, value_head, local, 2, ridge=1e-3, data_parallel=data_parallel)
-    optimizer = torch.optim.SGD([*model.parameters(), *value_head.parameters()], lr=0.1)
-    ppo_update(model, value_head, optimizer, local, PPOConfig(ppo_epochs=1, grad_clip=1e9),
+    if sharded:
+        scatter_weights(policy_value, trained, ["value_head.weight", "value_head.bias"])
+    optimizer = torch.optim.SGD(trained.parameters(), lr=0.1)
+    ppo_update(trained, optimizer, local, PPOConfig(ppo_epochs=1, grad_clip=1e9),
                minibatch_size=4 // data_parallel.world_size, micro_batch_size=1,
                generator=torch.Generator().manual_seed(0), data_parallel=data_parallel)  # fmt: skip
+    if sharded:
+        gather_weights(trained, policy_value)
     return before, weights()
 
 
-def grpo_step(data_parallel: DataParallel) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+def grpo_step(
+    data_parallel: DataParallel, *, sharded: bool = False
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """The weights before and after one Dr. GRPO minibatch update (plain SGD, a KL term to a copy of the init) on
     two questions' groups of 4: the questions are sharded, so each rank holds one whole group and its advantages
-    are computed there; each rank's sequence losses are divided by the 8 sequences of both ranks."""
+    are computed there; each rank's sequence losses are divided by the 8 sequences of both ranks. ``sharded``: the
+    update trains an FSDP2-sharded copy, gathered back after it."""
     tok = build_tiny_tokenizer()
     model = scaled_tiny_model(len(tok))
     questions = data_parallel.shard([("Q: 2+3\nA:\n", [1.2, 0.2, 0.2, 0.2]), ("Q: 1+1\nA:\n", [1.0, 1.0, 0.0, 0.0])])
@@ -146,9 +158,14 @@ def grpo_step(data_parallel: DataParallel) -> tuple[dict[str, torch.Tensor], dic
     cfg = GRPOConfig(loss_norm=LossNorm.token_sum, scale_by_std=False, max_new_tokens=32, grad_clip=1e9)
     group_relative_advantages(batch, len(questions), cfg)
     before = copy.deepcopy(model.state_dict())
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    grpo_update(model, optimizer, batch, cfg, minibatch_size=8 // data_parallel.world_size, micro_batch_size=2,
+    policy = PolicyValue(model)
+    sharded = sharded and data_parallel.active  # one process: the plain update it is compared with
+    trained = shard(policy, data_parallel) if sharded else policy
+    optimizer = torch.optim.SGD(trained.parameters(), lr=0.1)
+    grpo_update(trained, optimizer, batch, cfg, minibatch_size=8 // data_parallel.world_size, micro_batch_size=2,
                 generator=torch.Generator().manual_seed(0), data_parallel=data_parallel)  # fmt: skip
+    if sharded:
+        gather_weights(trained, policy)
     return before, copy.deepcopy(model.state_dict())
 
 
@@ -159,14 +176,16 @@ STEPS = {
     "finetune_lora": functools.partial(finetune_step, lora=LORA),
     "finetune_fsdp_lora": functools.partial(finetune_step, shard=True, lora=LORA),
     "ppo": ppo_step,
+    "ppo_fsdp": functools.partial(ppo_step, sharded=True),
     "grpo": grpo_step,
+    "grpo_fsdp": functools.partial(grpo_step, sharded=True),
 }
 # The sums of the gradients over two ranks round differently from one process's sum (~1e-7 relative). SGD's update
 # is proportional to the gradient, so the weights agree to ~1e-7. AdamW's first step is lr * g / (|g| + eps): ~lr
 # wherever |g| >> eps = 1e-8, but for the 3-5 of the model's 14k weights whose |g| is near eps the step follows the
 # rounding of g: measured differences up to 6e-7, 0.06% of the 1e-3 step.
 ATOL = {"finetune": 1e-6, "finetune_fsdp": 1e-6, "finetune_lora": 1e-6, "finetune_fsdp_lora": 1e-6, "ppo": 1e-7,
-        "grpo": 1e-7}  # fmt: skip
+        "ppo_fsdp": 1e-7, "grpo": 1e-7, "grpo_fsdp": 1e-7}  # fmt: skip
 
 
 class Interrupted(Exception):
@@ -379,7 +398,9 @@ def test_two_rank_ei_and_ppo_runs_log_once_into_one_mlflow_run_each(tmp_path):
 
 
 def test_a_killed_two_rank_run_resumes_from_its_checkpoint_with_two_ranks(tmp_path):
-    victim = launch(PPO, tmp_path, "victim")
+    # PPO's update sharded (model.fsdp): its checkpoints hold AdamW's state gathered whole, sharded again on resume
+    sharded_ppo = [*PPO, "model.fsdp=true"]
+    victim = launch(sharded_ppo, tmp_path, "victim")
     state_files = tmp_path / "cache" / "runs"
     deadline = time.monotonic() + 900
     while True:  # SIGKILL the launcher and both ranks once the checkpoint after step 2 is written
@@ -396,8 +417,8 @@ def test_a_killed_two_rank_run_resumes_from_its_checkpoint_with_two_ranks(tmp_pa
     for process in [psutil.Process(victim.pid), *psutil.Process(victim.pid).children(recursive=True)]:
         process.send_signal(signal.SIGKILL)
     victim.wait()
-    output = finish(launch(PPO, tmp_path, "rerun"), tmp_path, "rerun")
-    assert f"resuming after step {killed_at}" in output
+    output = finish(launch(sharded_ppo, tmp_path, "rerun"), tmp_path, "rerun")
+    assert f"resuming after step {killed_at}" in output and "FSDP2: 5 units over 2 ranks; rank 0 holds" in output
     client, runs = mlflow_runs(tmp_path)
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"  # the same run, continued
     assert runs[0].data.tags["resumed"].startswith(f"after step {killed_at}")

@@ -26,7 +26,7 @@ from reasoning_rl.algos.grpo_math import (
     token_sum_loss,
     zero_variance_fraction,
 )
-from reasoning_rl.algos.ppo import evaluate_rollouts, pack_rollouts
+from reasoning_rl.algos.ppo import PolicyValue, evaluate_rollouts, pack_rollouts
 from reasoning_rl.config import (
     ArithTaskConfig,
     Baseline,
@@ -233,8 +233,8 @@ def test_one_update_raises_the_correct_solution_and_lowers_the_others(model, tok
     torch.testing.assert_close(rewards, t([[1.2, 0.2, 0.2, 0.2]]))  # the token rewards summed
     assert advantages[0, 0] > 0 and (advantages[0, 1:] < 0).all()
     optimizer = torch.optim.SGD(policy.parameters(), lr=0.01)
-    grpo_update(policy, optimizer, batch, dataclasses.replace(cfg, kl_coef=0.0, max_new_tokens=32), minibatch_size=4,
-                micro_batch_size=2, generator=torch.Generator().manual_seed(0))  # fmt: skip
+    grpo_update(PolicyValue(policy), optimizer, batch, dataclasses.replace(cfg, kl_coef=0.0, max_new_tokens=32),
+                minibatch_size=4, micro_batch_size=2, generator=torch.Generator().manual_seed(0))  # fmt: skip
     moved = sequence_logprobs(policy, batch) - before  # (4,)
     assert moved[0] > 0.1, moved
     assert (moved[1:] < -0.01).all(), moved
@@ -246,7 +246,7 @@ def test_a_group_with_equal_rewards_and_no_kl_term_leaves_the_policy_alone(model
     batch = hand_made_group(policy, tokenizer, [1.0, 1.0, 1.0, 1.0])
     rewards, advantages = group_relative_advantages(batch, 1, GRPO)
     assert zero_variance_fraction(rewards) == 1.0 and not advantages.any()
-    accumulate_gradients(policy, batch, 4, dataclasses.replace(GRPO, kl_coef=0.0))
+    accumulate_gradients(PolicyValue(policy), batch, 4, dataclasses.replace(GRPO, kl_coef=0.0))
     assert all(p.grad is None or not p.grad.any() for p in policy.parameters())
 
 
@@ -259,7 +259,7 @@ def test_the_kl_term_has_no_gradient_at_the_reference_and_a_pull_back_away_from_
     grads = []
     for kl_coef in (0.0, 1.0):
         trained = copy.deepcopy(policy)
-        accumulate_gradients(trained, batch, 4, dataclasses.replace(GRPO, kl_coef=kl_coef))
+        accumulate_gradients(PolicyValue(trained), batch, 4, dataclasses.replace(GRPO, kl_coef=kl_coef))
         grads.append([p.grad.clone() for p in trained.parameters()])
     for without, with_kl in zip(*grads, strict=True):
         torch.testing.assert_close(with_kl, without, atol=1e-6, rtol=1e-5)
@@ -272,8 +272,9 @@ def test_the_kl_term_has_no_gradient_at_the_reference_and_a_pull_back_away_from_
     far = hand_made_group(moved, tokenizer, [1.0, 1.0, 1.0, 1.0], reference=model)
     group_relative_advantages(far, 1, GRPO)
     gap_before = (far["old_logprobs"] - far["ref_logprobs"]).abs().sum()
-    grpo_update(moved, torch.optim.SGD(moved.parameters(), lr=0.05), far, dataclasses.replace(GRPO, kl_coef=1.0),
-                minibatch_size=4, micro_batch_size=4, generator=torch.Generator().manual_seed(0))  # fmt: skip
+    grpo_update(PolicyValue(moved), torch.optim.SGD(moved.parameters(), lr=0.05), far,
+                dataclasses.replace(GRPO, kl_coef=1.0), minibatch_size=4, micro_batch_size=4,
+                generator=torch.Generator().manual_seed(0))  # fmt: skip
     after = dict(far)
     evaluate_rollouts(moved, None, model, after, 4)
     assert (after["old_logprobs"] - after["ref_logprobs"]).abs().sum() < gap_before
@@ -292,7 +293,7 @@ def test_gradient_accumulation_matches_one_big_micro_batch_and_the_loss_is_the_h
     grads, losses = [], []
     for micro_batch_size in (4, 1):
         policy = copy.deepcopy(model)
-        losses.append(accumulate_gradients(policy, batch, micro_batch_size, cfg)["loss"])
+        losses.append(accumulate_gradients(PolicyValue(policy), batch, micro_batch_size, cfg)["loss"])
         grads.append([p.grad.clone() for p in policy.parameters()])
     for one, accumulated in zip(*grads, strict=True):
         torch.testing.assert_close(accumulated, one, rtol=1e-4, atol=1e-6)

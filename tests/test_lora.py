@@ -11,7 +11,7 @@ from test_ppo import history, run_main, runs_of
 from test_rollout_fast import MODELS, PROMPTS, scaled_llama
 
 from reasoning_rl.algos.orm import summed_outcome_loss
-from reasoning_rl.algos.ppo import evaluate_rollouts, new_value_head, pack_rollouts, ppo_update
+from reasoning_rl.algos.ppo import PolicyValue, evaluate_rollouts, new_value_head, pack_rollouts, ppo_update
 from reasoning_rl.algos.ppo_math import gae
 from reasoning_rl.config import ConfigError, ModelConfig, ModelSource, PPOConfig
 from reasoning_rl.models.loading import build_tiny_model, build_tiny_tokenizer
@@ -186,8 +186,8 @@ def test_ppo_reference_is_the_policy_with_its_adapters_off_and_updates_train_the
     before = {name: p.clone() for name, p in policy.named_parameters()}
     trainable = [p for p in policy.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW([*trainable, *value_head.parameters()], lr=1e-2)
-    ppo_update(policy, value_head, optimizer, adapters_off, PPOConfig(), minibatch_size=3, micro_batch_size=3,
-               generator=torch.Generator().manual_seed(0))  # fmt: skip
+    ppo_update(PolicyValue(policy, value_head), optimizer, adapters_off, PPOConfig(), minibatch_size=3,
+               micro_batch_size=3, generator=torch.Generator().manual_seed(0))  # fmt: skip
     for name, p in policy.named_parameters():
         assert torch.equal(p, before[name]) != ("lora_" in name), name
 

@@ -16,6 +16,7 @@ from hydra.errors import ConfigCompositionException
 from learning import assert_gain, assert_in_band, paired_gain, per_problem, pinned_env, read_records
 
 from reasoning_rl.algos.ppo import (
+    PolicyValue,
     accumulate_gradients,
     evaluate_rollouts,
     fit_value_head,
@@ -148,9 +149,10 @@ def test_truncated_importance_sampling_weights_each_tokens_policy_loss(
     min(exp(-offset), tis_cap) (0.5; 10 capped at 3), and by 1 with the correction off."""
     batch, value_head = hand_made_batch(model, tokenizer)
     batch["advantages"] = torch.ones_like(batch["advantages"]) * batch["mask"]  # a loss whose mean is not 0
-    on_policy = accumulate_gradients(copy.deepcopy(model), value_head, batch, 4, PPOConfig(tis_cap=tis_cap))
+    cfg = PPOConfig(tis_cap=tis_cap)
+    on_policy = accumulate_gradients(PolicyValue(copy.deepcopy(model), value_head), batch, 4, cfg)
     batch["sampler_logprobs"] = (batch["old_logprobs"] + engine_offset) * batch["mask"]
-    off_policy = accumulate_gradients(copy.deepcopy(model), value_head, batch, 4, PPOConfig(tis_cap=tis_cap))
+    off_policy = accumulate_gradients(PolicyValue(copy.deepcopy(model), value_head), batch, 4, cfg)
     assert off_policy["policy_loss"] == pytest.approx(factor * on_policy["policy_loss"], rel=1e-5)
     assert off_policy["value_loss"] == pytest.approx(on_policy["value_loss"], rel=1e-6)  # the critic is not weighted
 
@@ -158,7 +160,7 @@ def test_truncated_importance_sampling_weights_each_tokens_policy_loss(
 def test_the_first_minibatch_is_on_policy(model, tokenizer):
     """Before any update the new policy is the old one: ratio 1, nothing clipped, approximate KL 0."""
     batch, value_head = hand_made_batch(model, tokenizer)
-    stats = accumulate_gradients(copy.deepcopy(model), value_head, batch, 4, PPOConfig())
+    stats = accumulate_gradients(PolicyValue(copy.deepcopy(model), value_head), batch, 4, PPOConfig())
     assert stats["clip_fraction"] == 0.0 and stats["value_clip_fraction"] == 0.0
     assert abs(stats["approx_kl"]) < 1e-6
     # at ratio 1 the policy loss is -A, whose token mean is 0 for whitened advantages
@@ -201,13 +203,13 @@ def test_gradient_accumulation_matches_one_big_micro_batch(model, tokenizer):
     grads, updated = [], []
     for micro_batch_size in (4, 1):
         policy, head = copy.deepcopy(model), copy.deepcopy(value_head)
-        accumulate_gradients(policy, head, batch, micro_batch_size, cfg)
+        accumulate_gradients(PolicyValue(policy, head), batch, micro_batch_size, cfg)
         grads.append([p.grad.clone() for p in [*policy.parameters(), *head.parameters()]])
         policy, head = copy.deepcopy(model), copy.deepcopy(value_head)  # and a whole update, with plain SGD
         optimizer = torch.optim.SGD([*policy.parameters(), *head.parameters()], lr=0.1)
         generator = torch.Generator().manual_seed(0)
         ppo_update(
-            policy, head, optimizer, batch, cfg, minibatch_size=4, micro_batch_size=micro_batch_size,
+            PolicyValue(policy, head), optimizer, batch, cfg, minibatch_size=4, micro_batch_size=micro_batch_size,
             generator=generator,
         )  # fmt: skip
         updated.append([p.detach().clone() for p in [*policy.parameters(), *head.parameters()]])

@@ -67,11 +67,14 @@ def test_every_job_of_every_sweep_composes_at_every_scale(sweep, model):
     for job in sweep_jobs(sweep):
         cfg = compose_sweep_job(sweep, [f"model={model}", *task, *job])
         rows.append(row_name(cfg.algo.name, cfg.reward.name.value, cfg.init.name.value))
-        if model == "tiny":  # conf/scale/tiny_<algo>.yaml sized the run for a CPU
-            assert cfg.task.n_train == 2000 and cfg.eval.max_new_tokens == 48
-            assert getattr(cfg.algo, "max_new_tokens", 48) == 48
-            # conf/scale/init/tiny_pretrained.yaml: room for the 4-shot prompts (~490 characters)
-            assert cfg.model.max_seq_len == (640 if cfg.init.name.value == "pretrained" else 384)
+        if model == "tiny":  # conf/scale/tiny_<algo>.yaml sized the run for a CPU; a pretrained base, 2-step task
+            assert cfg.task.n_train == 2000 and (cfg.task.min_steps, cfg.task.max_steps) == (2, 2)
+            assert cfg.model.pretrain_steps == 300 and cfg.eval.max_new_tokens == cfg.orm.max_new_tokens == 64
+            assert getattr(cfg.algo, "max_new_tokens", 64) == 64
+            if cfg.algo.name == "rcrl":  # its labeller, the EI row's policy
+                assert cfg.algo.ei.max_new_tokens == 64
+            # conf/scale/init/tiny_pretrained.yaml: room for the 4-shot prompts (up to ~670 characters)
+            assert cfg.model.max_seq_len == (768 if cfg.init.name.value == "pretrained" else 384)
         elif model == "smollm2_135m":  # conf/scale/smollm2_135m*.yaml: K = 16, 500 problems, equal samples drawn
             assert cfg.eval.k == 16 and cfg.task.n_train == 2000 and cfg.task.n_test == 500
             assert cfg.orm.n_questions == 300 and cfg.eval.max_new_tokens == 128

@@ -120,8 +120,9 @@ class ModelConfig:
     #   projections instead of all weights, and merges them when it ends (training/lora.py); 0 = full fine-tuning
     lora_alpha: float = 16.0  # LoRA's update is (lora_alpha / lora_rank) B A
     lora_dropout: float = 0.0  # dropout on the adapters' input while training
-    fsdp: bool = False  # with several processes, the SFT stage and EI's fine-tuning train an FSDP2-sharded copy: each
-    #   rank holds 1/N of the weights, gradients and AdamW moments (training/sharding.py); one process: no effect
+    fsdp: bool = False  # with several processes, the SFT stage, EI's fine-tuning and PPO's and the GRPO family's
+    #   updates train an FSDP2-sharded copy: each rank holds 1/N of the trained weights, gradients and AdamW moments
+    #   (training/sharding.py); the ORM stage is not sharded; one process: no effect
     # Size of the `tiny` model (ignored for other sources). Defaults give ~0.9M parameters.
     hidden_size: int = 128  # tiny only: width
     num_layers: int = 4  # tiny only: transformer blocks

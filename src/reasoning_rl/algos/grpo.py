@@ -54,16 +54,15 @@ from collections import defaultdict
 
 import torch
 from tqdm.auto import tqdm
-from transformers import PreTrainedModel
 
 from reasoning_rl.algos.context import RunContext, evaluate_policy, lora_params, training_questions
 from reasoning_rl.algos.grpo_math import group_advantages, sequence_mean_loss, token_sum_loss, zero_variance_fraction
 from reasoning_rl.algos.ppo import (
     Batch,
+    PolicyValue,
     check_divisible,
     check_finite,
     evaluate_rollouts,
-    forward,
     optimizer_step,
     pack_rollouts,
     question_batches,
@@ -87,6 +86,13 @@ from reasoning_rl.tasks.prompts import STOP_STRINGS
 from reasoning_rl.training.distributed import SINGLE, DataParallel
 from reasoning_rl.training.lora import attach_adapters, merge_adapters
 from reasoning_rl.training.precision import FLOAT32, Precision
+from reasoning_rl.training.sharding import (
+    full_optimizer_state,
+    gather_weights,
+    is_sharded,
+    load_full_optimizer_state,
+    shard,
+)
 
 log = logging.getLogger(__name__)
 
@@ -116,7 +122,7 @@ def sequence_losses(token_losses: torch.Tensor, mask: torch.Tensor, cfg: GRPOCon
 
 
 def accumulate_gradients(
-    model: PreTrainedModel,
+    policy: PolicyValue,
     mb_batch: Batch,
     micro_batch_size: int,
     cfg: GRPOConfig,
@@ -135,13 +141,13 @@ def accumulate_gradients(
     num_rows = mb_batch["mask"].shape[0]
     num_sequences = num_sequences or float(num_rows)
     num_tokens = num_tokens or float(mb_batch["mask"].sum())
-    device = next(model.parameters()).device
+    device = next(policy.parameters()).device
     totals: dict[str, float] = defaultdict(float)
     for start in range(0, num_rows, micro_batch_size):
         mb = select_rows(mb_batch, range(start, min(start + micro_batch_size, num_rows)))
         mb = {k: v.to(device) for k, v in mb.items()}
         with precision.autocast():  # the losses below are float32: forward() returns float32 logits
-            logits, _ = forward(model, None, mb)  # (B, T, V)
+            logits, _ = policy(mb["input_ids"], mb["attention_mask"], mb["positions"])  # (B, T, V)
         logprobs = token_logprobs(logits, mb["response_ids"])  # (B, T)
         mask = mb["mask"]  # (B, T)
         token_losses = clipped_policy_loss(logprobs, mb["old_logprobs"], mb["advantages"], cfg.clip_coef)  # (B, T)
@@ -163,7 +169,7 @@ def accumulate_gradients(
 
 
 def grpo_update(
-    model: PreTrainedModel,
+    policy: PolicyValue,
     optimizer: torch.optim.Optimizer,
     batch: Batch,
     cfg: GRPOConfig,
@@ -179,9 +185,11 @@ def grpo_update(
     """Phase 5: ``cfg.epochs`` shuffled passes of minibatch updates; the statistics averaged over minibatches.
 
     ``data_parallel``: ``batch`` is this rank's rows and ``minibatch_size`` its share of a minibatch; the gradients
-    and statistics are summed over the ranks' minibatches (as ``ppo.ppo_update``)."""
+    and statistics are summed over the ranks' minibatches (as ``ppo.ppo_update``). ``policy`` may be FSDP2-sharded
+    (``training/sharding.py``), whose backward pass sums the gradients itself."""
     scaler = scaler or precision.grad_scaler()
-    params = [p for p in model.parameters() if p.requires_grad]
+    params = [p for p in policy.parameters() if p.requires_grad]
+    gradient_sum = SINGLE if is_sharded(policy) else data_parallel  # FSDP2's reduce-scatter sums them
     stats: dict[str, list[float]] = defaultdict(list)
     num_rows = batch["mask"].shape[0]
     bar = tqdm(total=cfg.epochs * -(-num_rows // minibatch_size), desc=progress, disable=progress is None,
@@ -193,11 +201,11 @@ def grpo_update(
             num_sequences = data_parallel.sum(float(mb_batch["mask"].shape[0]))  # the minibatch of all ranks
             num_tokens = data_parallel.sum(float(mb_batch["mask"].sum()))
             minibatch = accumulate_gradients(
-                model, mb_batch, micro_batch_size, cfg, precision, scaler, num_sequences, num_tokens
+                policy, mb_batch, micro_batch_size, cfg, precision, scaler, num_sequences, num_tokens
             )
             for name, value in data_parallel.sum_metrics(minibatch).items():
                 stats[name].append(value)
-            stats["grad_norm"].append(optimizer_step(optimizer, params, scaler, cfg.grad_clip, data_parallel))
+            stats["grad_norm"].append(optimizer_step(optimizer, params, scaler, cfg.grad_clip, gradient_sum))
             bar.update()
     bar.close()
     return {name: sum(values) / len(values) for name, values in stats.items()}
@@ -224,18 +232,27 @@ def run(ctx: RunContext) -> EvalResult:
     elif use_reference:  # pi_ref: the initial policy, frozen, held in the compute dtype (it only infers)
         ref_model = copy.deepcopy(model).to(ctx.precision.dtype).eval().requires_grad_(False)
     model.eval()  # no dropout: old and new log-probs agree before the first update
+    saved = ctx.checkpoints.restore() if ctx.checkpoints is not None else None
+    if saved is not None:  # resume after the last checkpointed step; the weights first: a sharded copy is made of them
+        saved.load_modules(policy=model)
+    policy = PolicyValue(model)
+    # model.fsdp on several processes: the update trains an FSDP2-sharded copy, and the whole policy (which samples
+    # and scores the rollouts) takes its weights after every update
+    sharding = ctx.cfg.model.fsdp and data_parallel.active
+    trained = shard(policy, data_parallel, ctx.precision.dtype) if sharding else policy
     lr = cfg.lr if cfg.lr is not None else ctx.cfg.model.lr / 10
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
+    optimizer = torch.optim.AdamW(trained.trained_parameters()[0], lr=lr, weight_decay=0.0)
     scaler = ctx.precision.grad_scaler()  # float16's loss scale, kept across steps (off for float32 and bf16)
     generator = torch.Generator().manual_seed(seed)  # minibatch order
     sampling = SamplingParams(cfg.temperature, cfg.top_p, cfg.max_new_tokens, STOP_STRINGS)
     batches = question_batches(training_questions(ctx), cfg.rollout_questions, seed)
     samples_drawn = 0
     first_step = 1
-    saved = ctx.checkpoints.restore() if ctx.checkpoints is not None else None
-    if saved is not None:  # resume after the last checkpointed step (the RNG states are restored with it)
-        saved.load_modules(policy=model)
-        optimizer.load_state_dict(saved.data["optimizer"])
+    if saved is not None:  # the training state of the last checkpointed step (the RNG states came with it)
+        if sharding:
+            load_full_optimizer_state(trained, optimizer, saved.data["optimizer"])
+        else:
+            optimizer.load_state_dict(saved.data["optimizer"])
         if saved.data.get("grad_scaler"):  # empty unless float16
             scaler.load_state_dict(saved.data["grad_scaler"])
         generator.set_state(saved.data["generator"])
@@ -272,7 +289,7 @@ def run(ctx: RunContext) -> EvalResult:
 
         # 5. epochs of clipped minibatch updates
         stats = grpo_update(
-            model,
+            trained,
             optimizer,
             batch,
             cfg,
@@ -284,6 +301,8 @@ def run(ctx: RunContext) -> EvalResult:
             scaler=scaler,
             data_parallel=data_parallel,
         )
+        if sharding:  # the updated weights, whole, for the next step's sampling and scoring
+            gather_weights(trained, policy)
         check_finite(ctx, step, {f"{cfg.name} {name}": torch.tensor(v) for name, v in stats.items()}, cfg.name)
 
         # 6. log (every rank's rows: the ranks' means averaged, their shards are equal)
@@ -323,8 +342,8 @@ def run(ctx: RunContext) -> EvalResult:
 
         # 8. checkpoint every checkpoint_every steps and after the last: a run killed later resumes at step + 1
         if ctx.checkpoints is not None and ctx.checkpoints.due(step, last=step == cfg.steps):
-            state = {
-                "optimizer": optimizer.state_dict(),
+            state = {  # whole tensors, as an unsharded run writes them (sharded: gathered to rank 0, the writer)
+                "optimizer": full_optimizer_state(trained, optimizer) if sharding else optimizer.state_dict(),
                 "grad_scaler": scaler.state_dict(),
                 "generator": generator.get_state(),
                 "samples_drawn": samples_drawn,

@@ -31,6 +31,11 @@ Choices where the paper is silent (it used trlx's PPO):
 - Log-probs are those of the untempered policy, whatever the rollout temperature (see ``rollout/native.py``).
 - ``whiten_rewards`` scales the task rewards only, before the KL penalty, so kl_coef keeps its meaning.
 
+Several processes (``training/distributed.py``): each rank samples and scores its shard of a step's questions and the
+gradients are summed over the ranks. With ``model.fsdp`` the update trains an FSDP2-sharded copy of
+:class:`PolicyValue` (``training/sharding.py``), made once; its weights are gathered into the whole policy and value
+head after every update, which sample and score the next step.
+
     python main.py algo=ppo reward=sparse init=sft model=tiny task=arith
     python main.py algo=ppo reward=dense init=sft model=tiny task=arith
 
@@ -49,6 +54,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import nullcontext
 
 import torch
+from torch.distributed.tensor import DTensor
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
@@ -85,6 +91,14 @@ from reasoning_rl.training.distributed import SINGLE, DataParallel
 from reasoning_rl.training.finetune import TokenizedExample, collate
 from reasoning_rl.training.lora import adapters_disabled, attach_adapters, merge_adapters
 from reasoning_rl.training.precision import FLOAT32, Precision
+from reasoning_rl.training.sharding import (
+    full_optimizer_state,
+    gather_weights,
+    is_sharded,
+    load_full_optimizer_state,
+    scatter_weights,
+    shard,
+)
 
 log = logging.getLogger(__name__)
 
@@ -179,6 +193,28 @@ def forward(
     logits = model.get_output_embeddings()(hidden).float()  # (B, T, V)
     values = value_head(hidden).squeeze(-1).float() if value_head is not None else None  # (B, T)
     return logits, values
+
+
+class PolicyValue(torch.nn.Module):
+    """The policy and its value head (None: a critic-free algorithm) as one module whose forward is :func:`forward`'s:
+    what the update trains. With ``model.fsdp`` it is what FSDP2 shards (``training/sharding.py``): its own forward
+    gathers the root unit (embeddings, LM head, value head), which calling the policy's trunk directly would not."""
+
+    def __init__(self, policy: PreTrainedModel, value_head: torch.nn.Module | None = None) -> None:
+        super().__init__()
+        self.policy, self.value_head = policy, value_head
+
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, positions: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        # integer tensors only: FSDP2's mixed precision casts a forward's floating-point inputs to the compute dtype
+        mb = {"input_ids": input_ids, "attention_mask": attention_mask, "positions": positions}
+        return forward(self.policy, self.value_head, mb)
+
+    def trained_parameters(self) -> tuple[list[torch.nn.Parameter], list[torch.nn.Parameter]]:
+        """The policy's trainable parameters (all, or its LoRA adapters) and the value head's."""
+        policy = [p for p in self.policy.parameters() if p.requires_grad]
+        return policy, list(self.value_head.parameters()) if self.value_head is not None else []
 
 
 # ----------------------------------------------------------------------------------------- phases 2 and 3
@@ -311,8 +347,7 @@ def weight_push_metrics(ctx: RunContext) -> dict[str, float]:
 
 
 def accumulate_gradients(
-    model: PreTrainedModel,
-    value_head: torch.nn.Module,
+    policy_value: PolicyValue,
     mb_batch: Batch,
     micro_batch_size: int,
     cfg: PPOConfig,
@@ -331,10 +366,10 @@ def accumulate_gradients(
     num_rows = mb_batch["mask"].shape[0]
     for start in range(0, num_rows, micro_batch_size):
         mb = select_rows(mb_batch, range(start, min(start + micro_batch_size, num_rows)))
-        device = next(model.parameters()).device
+        device = next(policy_value.parameters()).device
         mb = {k: v.to(device) for k, v in mb.items()}
         with precision.autocast():  # the losses below are float32: forward() returns float32 logits and values
-            logits, values = forward(model, value_head, mb)  # (B, T, V), (B, T)
+            logits, values = policy_value(mb["input_ids"], mb["attention_mask"], mb["positions"])  # (B, T, V), (B, T)
         logprobs = token_logprobs(logits, mb["response_ids"])  # (B, T)
         mask = mb["mask"]  # (B, T)
         policy_loss = clipped_policy_loss(logprobs, mb["old_logprobs"], mb["advantages"], cfg.clip_coef)  # (B, T)
@@ -360,8 +395,7 @@ def accumulate_gradients(
 
 
 def ppo_update(
-    model: PreTrainedModel,
-    value_head: torch.nn.Module,
+    policy_value: PolicyValue,
     optimizer: torch.optim.Optimizer,
     batch: Batch,
     cfg: PPOConfig,
@@ -380,9 +414,11 @@ def ppo_update(
     ``progress``: a progress bar over the optimizer steps with this description (None: no bar). ``precision``: the
     forward passes' autocast; ``scaler``: float16's loss scaling, kept across calls (None: one for this call).
     ``data_parallel``: ``batch`` is this rank's rows and ``minibatch_size`` its share of a minibatch; the
-    gradients and statistics are summed over the ranks' minibatches."""
+    gradients and statistics are summed over the ranks' minibatches. ``policy_value`` may be FSDP2-sharded
+    (``training/sharding.py``), whose backward pass sums the gradients itself."""
     scaler = scaler or precision.grad_scaler()
-    params = [*model.parameters(), *value_head.parameters()]
+    params = [p for p in policy_value.parameters() if p.requires_grad]
+    gradient_sum = SINGLE if is_sharded(policy_value) else data_parallel  # FSDP2's reduce-scatter sums them
     stats: dict[str, list[float]] = defaultdict(list)
     num_rows = batch["mask"].shape[0]
     updates = cfg.ppo_epochs * -(-num_rows // minibatch_size)
@@ -393,11 +429,11 @@ def ppo_update(
             mb_batch = select_rows(batch, order[start : start + minibatch_size])
             num_tokens = data_parallel.sum(float(mb_batch["mask"].sum()))  # the minibatch of all ranks
             minibatch = accumulate_gradients(
-                model, value_head, mb_batch, micro_batch_size, cfg, precision, scaler, num_tokens
+                policy_value, mb_batch, micro_batch_size, cfg, precision, scaler, num_tokens
             )
             for name, value in data_parallel.sum_metrics(minibatch).items():
                 stats[name].append(value)
-            stats["grad_norm"].append(optimizer_step(optimizer, params, scaler, cfg.grad_clip, data_parallel))
+            stats["grad_norm"].append(optimizer_step(optimizer, params, scaler, cfg.grad_clip, gradient_sum))
             if scheduler is not None:
                 scheduler.step()
             bar.update()
@@ -416,11 +452,13 @@ def optimizer_step(
     step, then zeroed; returns the gradient norm before clipping."""
     data_parallel.sum_gradients(params)
     scaler.unscale_(optimizer)
-    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, grad_clip))
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    if isinstance(grad_norm, DTensor):  # the norm of sharded gradients: the same value on every rank
+        grad_norm = grad_norm.full_tensor()
     scaler.step(optimizer)  # float16: skipped when the gradients overflowed
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
-    return grad_norm
+    return float(grad_norm)
 
 
 @torch.no_grad()
@@ -507,12 +545,18 @@ def run(ctx: RunContext) -> EvalResult:
         attach_adapters(model, adapters)
     model.eval()  # no dropout: see the module docstring
     value_head = new_value_head(model)
+    saved = ctx.checkpoints.restore() if ctx.checkpoints is not None else None
+    if saved is not None:  # resume after the last checkpointed step; the weights first: a sharded copy is made of them
+        saved.load_modules(policy=model, value_head=value_head)
+    policy_value = PolicyValue(model, value_head)
+    # model.fsdp on several processes: the update trains an FSDP2-sharded copy, and the whole policy and value head
+    # (which sample and score the rollouts) take its weights after every update
+    sharding = ctx.cfg.model.fsdp and data_parallel.active
+    trained = shard(policy_value, data_parallel, ctx.precision.dtype) if sharding else policy_value
     lr = cfg.lr if cfg.lr is not None else ctx.cfg.model.lr / 10
-    policy_params = [p for p in model.parameters() if p.requires_grad]
+    policy_params, head_params = trained.trained_parameters()
     optimizer = torch.optim.AdamW(
-        [{"params": policy_params}, {"params": value_head.parameters(), "lr": cfg.value_lr or 10 * lr}],
-        lr=lr,
-        weight_decay=0.0,
+        [{"params": policy_params}, {"params": head_params, "lr": cfg.value_lr or 10 * lr}], lr=lr, weight_decay=0.0
     )
     warmup = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda update: min(1.0, (update + 1) / (cfg.warmup_updates + 1))
@@ -524,10 +568,11 @@ def run(ctx: RunContext) -> EvalResult:
     kl_coef = cfg.kl_coef
     samples_drawn = 0
     first_step = 1
-    saved = ctx.checkpoints.restore() if ctx.checkpoints is not None else None
-    if saved is not None:  # resume after the last checkpointed step (the RNG states are restored with it)
-        saved.load_modules(policy=model, value_head=value_head)
-        optimizer.load_state_dict(saved.data["optimizer"])
+    if saved is not None:  # the training state of the last checkpointed step (the RNG states came with it)
+        if sharding:
+            load_full_optimizer_state(trained, optimizer, saved.data["optimizer"])
+        else:
+            optimizer.load_state_dict(saved.data["optimizer"])
         warmup.load_state_dict(saved.data["scheduler"])
         if saved.data.get("grad_scaler"):  # empty unless float16
             scaler.load_state_dict(saved.data["grad_scaler"])
@@ -576,10 +621,12 @@ def run(ctx: RunContext) -> EvalResult:
             explained = fit_value_head(model, value_head, batch, micro_batch_size, cfg.critic_warmup_ridge,
                                        ctx.precision, data_parallel)  # fmt: skip
             fit = {"train/ppo_critic_warmup_explained_variance": explained}
+            if sharding:  # the fitted head into the shards that train it
+                head_names = [f"value_head.{name}" for name, _ in value_head.named_parameters()]
+                scatter_weights(policy_value, trained, head_names)
         else:
             stats = ppo_update(
-                model,
-                value_head,
+                trained,
                 optimizer,
                 batch,
                 cfg,
@@ -592,6 +639,8 @@ def run(ctx: RunContext) -> EvalResult:
                 scaler=scaler,
                 data_parallel=data_parallel,
             )
+            if sharding:  # the updated weights, whole, for the next step's sampling and scoring
+                gather_weights(trained, policy_value)
         check_finite(ctx, step, {"KL penalty": kl, **{f"ppo {name}": torch.tensor(v) for name, v in stats.items()}})
 
         # 7. adapt the KL coefficient, log (every rank's rows: the ranks' means averaged, their shards are equal)
@@ -634,8 +683,8 @@ def run(ctx: RunContext) -> EvalResult:
 
         # 9. checkpoint every checkpoint_every steps and after the last: a run killed later resumes at step + 1
         if ctx.checkpoints is not None and ctx.checkpoints.due(step, last=step == cfg.steps):
-            state = {
-                "optimizer": optimizer.state_dict(),
+            state = {  # whole tensors, as an unsharded run writes them (sharded: gathered to rank 0, the writer)
+                "optimizer": full_optimizer_state(trained, optimizer) if sharding else optimizer.state_dict(),
                 "scheduler": warmup.state_dict(),
                 "grad_scaler": scaler.state_dict(),
                 "generator": generator.get_state(),

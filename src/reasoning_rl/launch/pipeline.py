@@ -60,8 +60,6 @@ log = logging.getLogger(__name__)
 
 # The algorithms that split their sampling and training between the processes of a data-parallel job (distributed.py)
 DATA_PARALLEL_ALGOS = frozenset({"none", "ei", "ppo", "grpo", "rloo", "dr_grpo"})
-# model.fsdp with several processes: the algorithms whose training is sharded (training/sharding.py)
-SHARDED_ALGOS = frozenset({"none", "ei"})
 ARTIFACT_SIZE_LIMIT = 50 * 2**20  # checkpoints larger than this are referenced by path, not copied into MLflow
 
 
@@ -289,17 +287,12 @@ def run_pipeline(ctx: RunContext) -> dict[str, float]:
     cfg, splits, tracker, output_dir = ctx.cfg, ctx.splits, ctx.tracker, ctx.output_dir
 
     # 3. init, and the ORM when the reward or the reranking needs one; with several processes, rank 0 builds these
-    #    stages alone and the others then load them, except the SFT stage with model.fsdp (all ranks, sharded)
+    #    stages alone and the others then load them, except the SFT stage with model.fsdp (all ranks, sharded; the
+    #    algorithms then shard their own training: training/sharding.py)
     if ctx.data_parallel.active and cfg.algo.name not in DATA_PARALLEL_ALGOS:
         raise ConfigError(
             f"algo={cfg.algo.name} does not run on several processes yet (data parallelism is built for "
             f"{', '.join(sorted(DATA_PARALLEL_ALGOS))}): launch it as one process (python main.py ...)."
-        )
-    if ctx.data_parallel.active and cfg.model.fsdp and cfg.algo.name not in SHARDED_ALGOS:
-        raise ConfigError(
-            f"model.fsdp=true on {ctx.data_parallel.world_size} processes shards the SFT stage and EI's fine-tuning "
-            f"only, and algo={cfg.algo.name}'s update is not sharded (not built yet): set model.fsdp=false to run "
-            "it data-parallel with a whole copy of the model on every rank."
         )
     together = sharded_init(ctx)
     with ctx.data_parallel.main_first():

@@ -26,15 +26,18 @@ finetune` trains a *sharded copy* of the model (:func:`sharded_copy`) built with
 On a GPU the whole model waits in host memory while its shards train (``model.to("cpu")``, and back when
 training ends), so the GPU holds the shards and one unit's whole weights at a time; that branch has not run on a
 GPU yet (none was lent): on CPU everything stays where it is. Sharded: the SFT stage (every rank trains it together,
-``run/stages.py: cached_stage_together``) and EI's rounds. Not sharded: the ORM stage (rank 0 trains it alone while
-the others wait), PPO's and the GRPO family's updates (a clear error: set ``model.fsdp=false``).
+``run/stages.py: cached_stage_together``) and EI's rounds, through :func:`sharded_copy`; PPO's and the GRPO family's
+updates, through :func:`shard`: their sharded copy (``ppo.PolicyValue``: the policy and its value head) lives for the
+whole run, the whole policy beside it samples and scores each step and takes its weights after every update
+(:func:`gather_weights`), and the critic warm-up's fitted head goes the other way (:func:`scatter_weights`). Not
+sharded: the ORM stage (rank 0 trains it alone while the others wait).
 """
 
 from __future__ import annotations
 
 import copy
 import logging
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -42,6 +45,7 @@ import torch
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict, set_optimizer_state_dict
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import distribute_tensor
 
 from reasoning_rl.training.distributed import DataParallel
 from reasoning_rl.training.lora import language_model
@@ -63,13 +67,11 @@ def sharding_units(model: torch.nn.Module) -> list[torch.nn.Module]:
     return units
 
 
-@contextmanager
-def sharded_copy(
+def shard(
     model: torch.nn.Module, data_parallel: DataParallel, compute_dtype: torch.dtype = torch.float32
-) -> Iterator[torch.nn.Module]:
+) -> torch.nn.Module:
     """A copy of ``model`` sharded over the job's ranks, whose units gather their weights in ``compute_dtype``;
-    on leaving the block without an error its trained weights are gathered back into ``model`` on every rank. Every
-    rank must enter and leave together (collectives)."""
+    ``model`` keeps its whole weights. Every rank must call it together (collectives)."""
     if compute_dtype == torch.float16:
         raise ValueError("FSDP2 sharding computes in float32 or bfloat16: float16's loss scaling is not built for "
                          "sharded gradients")  # fmt: skip
@@ -79,9 +81,6 @@ def sharded_copy(
     # no whole-model bf16 copy outlives a unit's forward as autocast's cast cache would keep it (2 bytes/param)
     precision = MixedPrecisionPolicy(param_dtype=None if compute_dtype == torch.float32 else compute_dtype,
                                      reduce_dtype=torch.float32)  # fmt: skip
-    offload = device.type != "cpu"
-    if offload:  # the whole model waits in host memory while its shards train: 4 bytes per parameter off the GPU
-        model.to("cpu")
     sharded = copy.deepcopy(model)
     units = sharding_units(sharded)
     for unit in units:  # each unit's weights go to the device (whole), then only this rank's shard stays there
@@ -94,6 +93,21 @@ def sharded_copy(
     local, total = sum(p.to_local().numel() for p in sharded.parameters()), sum(p.numel() for p in model.parameters())
     log.info("FSDP2: %d units over %d ranks; rank %d holds %d of the model's %d values", len(units) + 1,
              data_parallel.world_size, data_parallel.rank, local, total)  # fmt: skip
+    return sharded
+
+
+@contextmanager
+def sharded_copy(
+    model: torch.nn.Module, data_parallel: DataParallel, compute_dtype: torch.dtype = torch.float32
+) -> Iterator[torch.nn.Module]:
+    """:func:`shard`'s copy of ``model`` for a block that trains it; on leaving the block without an error its
+    trained weights are gathered back into ``model`` on every rank. On a GPU the whole ``model`` waits in host
+    memory meanwhile. Every rank must enter and leave together (collectives)."""
+    device = next(model.parameters()).device
+    offload = device.type != "cpu"
+    if offload:  # the whole model waits in host memory while its shards train: 4 bytes per parameter off the GPU
+        model.to("cpu")
+    sharded = shard(model, data_parallel, compute_dtype)
     yield sharded
     gather_weights(sharded, model)
     if offload:
@@ -111,6 +125,19 @@ def gather_weights(sharded: torch.nn.Module, model: torch.nn.Module) -> None:
     targets = dict(model.named_parameters())
     for name, param in sharded.named_parameters():
         targets[name].copy_(param.full_tensor())
+
+
+@torch.no_grad()
+def scatter_weights(model: torch.nn.Module, sharded: torch.nn.Module, names: Collection[str]) -> None:
+    """The inverse of :func:`gather_weights` for the parameters ``names``: ``model``'s whole tensors into the sharded
+    copy, each rank keeping its shard (PPO's critic warm-up fits the whole value head). Every rank holds the same
+    whole tensors, so no rank sends anything."""
+    sources = dict(model.named_parameters())
+    for name, param in sharded.named_parameters():
+        if name in names:
+            whole = sources[name].detach().to(param.device, param.dtype)
+            mine = distribute_tensor(whole, param.device_mesh, param.placements, src_data_rank=None)
+            param.to_local().copy_(mine.to_local())
 
 
 def full_optimizer_state(sharded: torch.nn.Module, optimizer: torch.optim.Optimizer) -> Any:
