@@ -35,10 +35,11 @@ VLLM = ["rollout=vllm", "rollout.enforce_eager=true", "rollout.kv_cache_gib=0.5"
 COMMON = [
     "model=tiny", "task=arith", "task.min_steps=1", "task.max_steps=1", "task.max_number=9", "task.n_train=64",
     "task.n_test=8", "init=sft", "init.max_steps=60", "eval.k=2", "eval.max_new_tokens=24", "seed=0",
-    "checkpoint_every=1", *VLLM,
+    "checkpoint_every=1", "model.pretrain_steps=0", *VLLM,
 ]  # fmt: skip
-# The EI and PPO rows' tiny settings (conf/scale/), cut to a few questions and short completions. PPO without the
-# critic warm-up: step 1 updates the policy, so step 2's log-prob gap is that of pushed, trained weights.
+# The EI and PPO rows' tiny settings (conf/scale/), cut to a few questions and short completions, from the random
+# model (the scale's pretraining stage costs minutes and these runs test the engine). PPO without the critic warm-up:
+# step 1 updates the policy, so step 2's log-prob gap is that of pushed, trained weights.
 EI = [*COMMON, "algo=ei", "+scale=tiny_ei", "algo.n_questions=16", "algo.num_samples=2", "algo.max_new_tokens=24",
       "algo.max_steps=3"]  # fmt: skip
 PPO = [*COMMON, "algo=ppo", "+scale=tiny_ppo", "algo.steps=2", "algo.critic_warmup_steps=0",
