@@ -249,10 +249,7 @@ def run(ctx: RunContext) -> EvalResult:
     samples_drawn = 0
     first_step = 1
     if saved is not None:  # the training state of the last checkpointed step (the RNG states came with it)
-        if sharding:
-            load_full_optimizer_state(trained, optimizer, saved.data["optimizer"])
-        else:
-            optimizer.load_state_dict(saved.data["optimizer"])
+        load_full_optimizer_state(trained, optimizer, saved.data["optimizer"])
         if saved.data.get("grad_scaler"):  # empty unless float16
             scaler.load_state_dict(saved.data["grad_scaler"])
         generator.set_state(saved.data["generator"])
@@ -343,7 +340,7 @@ def run(ctx: RunContext) -> EvalResult:
         # 8. checkpoint every checkpoint_every steps and after the last: a run killed later resumes at step + 1
         if ctx.checkpoints is not None and ctx.checkpoints.due(step, last=step == cfg.steps):
             state = {  # whole tensors, as an unsharded run writes them (sharded: gathered to rank 0, the writer)
-                "optimizer": full_optimizer_state(trained, optimizer) if sharding else optimizer.state_dict(),
+                "optimizer": full_optimizer_state(trained, optimizer),
                 "grad_scaler": scaler.state_dict(),
                 "generator": generator.get_state(),
                 "samples_drawn": samples_drawn,

@@ -225,10 +225,7 @@ def finetune(
             optimizer, lambda s: lr_multiplier(s, total_steps, warmup_steps, params.min_lr_ratio)
         )
         if saved is not None:
-            if sharding:
-                load_full_optimizer_state(trained, optimizer, saved.data["optimizer"])
-            else:
-                optimizer.load_state_dict(saved.data["optimizer"])
+            load_full_optimizer_state(trained, optimizer, saved.data["optimizer"])
             scheduler.load_state_dict(saved.data["scheduler"])
             if saved.data.get("grad_scaler"):  # empty for float32 and bf16: the scaler is off
                 scaler.load_state_dict(saved.data["grad_scaler"])
@@ -302,10 +299,7 @@ def finetune(
             if checkpoints is not None and due:
                 if sharding:  # whole tensors, as an unsharded run writes them: the weights into model, to be saved
                     gather_weights(trained, model)
-                    optimizer_state = full_optimizer_state(trained, optimizer)
-                else:
-                    optimizer_state = optimizer.state_dict()
-                state = {"optimizer": optimizer_state, "scheduler": scheduler.state_dict(),
+                state = {"optimizer": full_optimizer_state(trained, optimizer), "scheduler": scheduler.state_dict(),
                          "grad_scaler": scaler.state_dict(), "data_rng": rng.getstate(), "order": order,
                          "losses": losses}  # fmt: skip
                 checkpoints.save(step + 1, state, {"model": model})

@@ -141,8 +141,11 @@ def scatter_weights(model: torch.nn.Module, sharded: torch.nn.Module, names: Col
 
 
 def full_optimizer_state(sharded: torch.nn.Module, optimizer: torch.optim.Optimizer) -> Any:
-    """AdamW's state as whole tensors keyed by parameter name, in host memory, on rank 0 (the checkpoint's writer;
-    the other ranks get an empty dict). A collective."""
+    """AdamW's state as whole tensors for a checkpoint: an unsharded model's ``optimizer.state_dict()``; a sharded
+    copy's keyed by parameter name, in host memory, on rank 0 (the checkpoint's writer; the other ranks get an empty
+    dict), a collective."""
+    if not is_sharded(sharded):
+        return optimizer.state_dict()
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
     return get_optimizer_state_dict(sharded, optimizer, options=options)
 
@@ -150,5 +153,8 @@ def full_optimizer_state(sharded: torch.nn.Module, optimizer: torch.optim.Optimi
 def load_full_optimizer_state(sharded: torch.nn.Module, optimizer: torch.optim.Optimizer, state: Any) -> None:
     """Put :func:`full_optimizer_state`'s whole tensors back into the sharded copy's ``optimizer`` (each rank keeps
     its shard; every rank passes the state it read from the checkpoint). The weights come with the copy, made from a
-    model that holds the checkpoint's. A collective."""
+    model that holds the checkpoint's. A collective. An unsharded model's ``optimizer`` loads ``state`` as it is."""
+    if not is_sharded(sharded):
+        optimizer.load_state_dict(state)
+        return
     set_optimizer_state_dict(sharded, optimizer, state, options=StateDictOptions(full_state_dict=True))
